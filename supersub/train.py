@@ -1,0 +1,241 @@
+"""The plain PyTorch training loop: ``train_one_epoch``, ``evaluate``, schedules, checkpoints.
+
+Device-agnostic: bf16 autocast and channels_last are used on CUDA (``amp="auto"``), fp32 on CPU.
+Every epoch measures images/s, wall time and peak memory (CUDA: ``max_memory_allocated``; CPU:
+the process's peak resident set), because throughput and memory are logged metrics of every run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from supersub.config import field
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = field(30, help="training epochs")
+    batch_size: int = field(128, help="batch size per worker")
+    optimizer: Literal["sgd", "adamw"] = field("sgd", help="sgd (momentum, nesterov) or adamw")
+    lr: float = field(0.1, help="peak learning rate for batch_size 128 on one worker (scaled linearly)")
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(5e-4, help="weight decay (not applied to BN and biases)")
+    schedule: Literal["cosine", "onecycle", "constant"] = field("cosine", help="learning-rate schedule")
+    warmup_epochs: float = field(1.0, help="linear warm-up epochs (cosine schedule)")
+    label_smoothing: float = field(0.1, help="label smoothing of the cross-entropy")
+    amp: Literal["auto", "bf16", "none"] = field("auto", help="autocast: auto = bf16 on CUDA, none on CPU")
+    channels_last: Literal["auto", "on", "off"] = field("auto", help="channels_last memory format (auto: on CUDA)")
+    grad_clip: float = field(0.0, help="clip the gradient norm (0 = off)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (all devices); deterministic data order follows from it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(cfg: OptimConfig, device: torch.device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only: decaying BN scales and biases hurts small nets."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    # Linear scaling rule (Goyal et al. 2017): lr is given for a global batch of 128.
+    lr = cfg.lr * cfg.batch_size * world_size / 128
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    """A per-step schedule (``scheduler.step()`` after every optimizer step)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory (CUDA) or peak process RSS (CPU) so far, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: nn.Module,
+    device: torch.device,
+    cfg: OptimConfig,
+    *,
+    step_hook: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 0,
+) -> dict[str, float]:
+    """One pass over ``loader``. Returns loss, top-1 accuracy (%), images/s, seconds, peak MiB.
+
+    ``step_hook(step)`` runs after each optimizer step (e.g. the delta's pruning schedule).
+    """
+    model.train()
+    dtype = amp_dtype(cfg, device)
+    cl = use_channels_last(cfg, device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x, y = _to_device(x, y, device, cl)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if step_hook is not None:
+            step_hook(step)
+        # Accumulate on device: a .item() per step would synchronise CUDA every step.
+        total_loss += loss.detach() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+        if log and log_every and (step + 1) % log_every == 0:
+            rate = seen / (time.perf_counter() - start)
+            log(f"  step {step + 1}: loss {total_loss.item() / seen:.4f}, {rate:.0f} images/s")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "loss": total_loss.item() / max(1, seen),
+        "acc": 100.0 * correct.item() / max(1, seen),
+        "images_per_s": seen / max(seconds, 1e-9),
+        "seconds": seconds,
+        "peak_mem_mb": peak_memory_mb(device),
+        "images": seen,
+    }
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    cfg: OptimConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` (float32, CPU) and labels ``[N]`` for every batch of ``loader``."""
+    model.eval()
+    cfg = cfg or OptimConfig()
+    dtype = amp_dtype(cfg, device)
+    cl = use_channels_last(cfg, device)
+    outs, labels = [], []
+    for x, y in loader:
+        x, y = _to_device(x, y, device, cl)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outs.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    if not outs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    cfg: OptimConfig | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) and images/s of ``model`` over ``loader``."""
+    start = time.perf_counter()
+    logits, labels = predict_logits(model, loader, device, cfg)
+    seconds = time.perf_counter() - start
+    if labels.numel() == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images_per_s": 0.0}
+    k = min(5, logits.shape[1])
+    top5 = logits.topk(k, dim=1).indices.eq(labels[:, None]).any(1).float().mean().item()
+    return {
+        "loss": nn.functional.cross_entropy(logits, labels).item(),
+        "top1": 100.0 * logits.argmax(1).eq(labels).float().mean().item(),
+        "top5": 100.0 * top5,
+        "images_per_s": labels.numel() / max(seconds, 1e-9),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, **state: Any) -> None:
+    """Saves tensors and plain values (model/optimizer/scheduler state dicts, epoch, metrics)
+    atomically: a crash mid-write never leaves a half checkpoint that a resume would trust."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    # weights_only: a checkpoint is data, never code.
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model

@@ -1,0 +1,84 @@
+"""Dataclass configs: YAML, key=value overrides, unknown keys rejected, every shipped config loads."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from supersub.config import ConfigError, describe, field, load_config, parse_overrides, save_config, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = field(0.1, help="learning rate")
+    stages: list[str] = field(default_factory=lambda: ["a"], help="stages")
+
+
+@dataclass
+class Outer:
+    name: str = field("x", help="name")
+    epochs: int = field(3, help="epochs")
+    flag: bool = field(False, help="a flag")
+    maybe: int | None = field(None, help="optional")
+    inner: Inner = field(Inner(), help="section")
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 5\ninner:\n  lr: 1\n")
+    cfg = load_config(Outer, f, ["inner.stages=[b, c]", "flag=true", "maybe=4"])
+    assert cfg.epochs == 5 and cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.stages == ["b", "c"] and cfg.flag is True and cfg.maybe == 4
+    assert load_config(Outer).inner is not Outer().inner  # sections are not shared between instances
+
+
+def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key inner\.lrr \(did you mean inner\.lr\?\)"):
+        load_config(Outer, None, ["inner.lrr=3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("epoch: 5\n")
+    with pytest.raises(ConfigError, match="unknown config key epoch"):
+        load_config(Outer, f)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("epochs=abc", "expected an integer"), ("flag=3", "true or false"), ("inner=3", "mapping"), ("name", "key=value")],
+)
+def test_type_errors_are_clear(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Outer, None, ["epochs=9"])
+    save_config(cfg, tmp_path / "r.yaml")
+    assert to_dict(load_config(Outer, tmp_path / "r.yaml")) == to_dict(cfg)
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_describe_lists_every_option_with_help():
+    rows = {k: h for k, _, h in describe(Outer)}
+    assert rows["inner.lr"] == "learning rate" and "epochs" in rows
+
+
+def test_every_shipped_config_file_loads():
+    from supersub.pipeline import PipelineConfig
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "jobs" / "configs").glob("*.yaml"))
+    assert files, "no config files found"
+    for f in files:
+        load_config(PipelineConfig, f)
