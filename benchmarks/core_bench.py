@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> dict:
     t_apply = timed(apply_restore, device, args.repeats)
     m_one = peak_bytes(one_network, device)
     m_two = peak_bytes(lambda: pred.predict(x, hard), device)
-    del vanilla
 
     fig = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

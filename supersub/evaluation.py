@@ -92,7 +92,8 @@ def evaluate_two_stage(
     and oracle routing) and of baseline fine-class probabilities (``baselines[name]`` aligned
     with ``test_loader``'s order).
 
-    Returns ``{"models": {name: metrics}, "routing": {...}, "per_superclass": {...}}``."""
+    Returns ``{"models": {name: metrics}, "routing": {...}, "per_superclass": {...},
+    "labels": [N], "probs": {name: [N, C]}}``."""
     routing = routing or RoutingConfig()
     has_resident = predictor.resident == "vanilla"
     top = max(K_GRID) if routing.calibrate else routing.k
@@ -107,30 +108,46 @@ def evaluate_two_stage(
     predictor.timings.update(stage1_s=0.0, stage2_s=0.0, specialist_passes=0, images=0)
     out, oracle, labels = collect(predictor, test_loader, top)
 
+    probs_by_model = dict(baselines or {})
+    for name, r in chosen.items():
+        probs_by_model[f"two_stage_{name}"] = combine(out, r)
+    probs_by_model["two_stage_oracle"] = combine(oracle, RoutingConfig(mode="hard", k=1, calibrate=False))
+
     models: dict[str, dict[str, float]] = {}
     per_super: dict[str, list[float]] = {}
-    for name, probs in (baselines or {}).items():
-        models[name] = classification_metrics(probs, labels, hierarchy, severity=sev)
+    for name, probs in probs_by_model.items():
+        two_stage = name.startswith("two_stage") and name != "two_stage_oracle"
+        m = classification_metrics(probs, labels, hierarchy, super_probs=out.super_probs if two_stage else None, severity=sev)
+        if two_stage:
+            m["specialist_passes_per_image"] = specialist_passes(out, chosen[name.removeprefix("two_stage_")])
+        models[name] = m
         per_super[name] = per_superclass_accuracy(probs, labels, hierarchy)
-        per_super[f"{name}_within"] = within_superclass_accuracy(probs, labels, hierarchy)
-    for name, r in chosen.items():
-        probs = combine(out, r)
-        m = classification_metrics(probs, labels, hierarchy, super_probs=out.super_probs, severity=sev)
-        m["specialist_passes_per_image"] = specialist_passes(out, r)
-        models[f"two_stage_{name}"] = m
-        per_super[f"two_stage_{name}"] = per_superclass_accuracy(probs, labels, hierarchy)
-    oracle_probs = combine(oracle, RoutingConfig(mode="hard", k=1, calibrate=False))
-    models["two_stage_oracle"] = classification_metrics(oracle_probs, labels, hierarchy, severity=sev)
-    per_super["specialists_oracle"] = per_superclass_accuracy(oracle_probs, labels, hierarchy)
+        if not name.startswith("two_stage"):
+            per_super[f"{name}_within"] = within_superclass_accuracy(probs, labels, hierarchy)
     # Stage one on its own: the superclass accuracy routing starts from.
-    models["stage1"] = {
-        "superclass_acc": 100.0 * out.super_probs.argmax(1).eq(torch.tensor(hierarchy.fine_to_coarse)[labels]).float().mean().item()
-    }
+    true_super = torch.tensor(hierarchy.fine_to_coarse)[labels]
+    models["stage1"] = {"superclass_acc": 100.0 * out.super_probs.argmax(1).eq(true_super).float().mean().item()}
     return {
         "models": models,
         "routing": {k: dataclasses.asdict(v) for k, v in chosen.items()},
         "per_superclass": per_super,
         "labels": labels,
-        "probs": {"two_stage_hard": combine(out, chosen["hard"]), "two_stage_soft": combine(out, chosen["soft"])},
+        "probs": probs_by_model,
     }
 
+
+
+def save_predictions(path, uris: list[str], labels: torch.Tensor, probs: dict[str, torch.Tensor], hierarchy: Hierarchy) -> None:
+    """One row per evaluated image: its reference, true class, and per model the predicted class,
+    the probability of that prediction and of the true class (what a report's galleries need)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    coarse = torch.tensor(hierarchy.fine_to_coarse)
+    cols = {"uri": pa.array(uris), "label": pa.array(labels.int().numpy()), "superclass": pa.array(coarse[labels].int().numpy())}
+    for name, p in probs.items():
+        pred = p.argmax(1)
+        cols[f"pred_{name}"] = pa.array(pred.int().numpy())
+        cols[f"prob_{name}"] = pa.array(p.gather(1, pred[:, None]).squeeze(1).float().numpy())
+        cols[f"true_prob_{name}"] = pa.array(p.gather(1, labels[:, None].long()).squeeze(1).float().numpy())
+    pq.write_table(pa.table(cols), path)

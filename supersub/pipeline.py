@@ -22,8 +22,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from supersub.bundle import NetworkSpec, write_bundle
-from supersub.config import field, save_config, to_dict
+from supersub.bundle import write_bundle
+from supersub.config import ConfigError, field, save_config, to_dict
 from supersub.data import load_manifest
 from supersub.delta import DeltaConfig
 from supersub.hierarchy import Hierarchy
@@ -191,12 +191,14 @@ def prepare_data(cfg: PipelineConfig, out: Path, log=print) -> Path:
     from supersub.data import build_manifest
 
     data_dir = out / "data"
-    spec = to_dict(cfg.data)
+    hierarchy = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    # What the manifest depends on (not how it is read): a change here rebuilds it.
+    spec = {k: v for k, v in to_dict(cfg.data).items() if k not in ("loader", "num_workers", "cache_dir", "learned_from")}
+    spec.update(hierarchy=hierarchy, seed=cfg.seed)
     stamp = data_dir / "data_config.json"
     if (data_dir / "manifest.parquet").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec:
         log(f"data: reusing {data_dir}")
         return data_dir
-    hierarchy = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
     build_manifest(
         cfg.data.source,
         hierarchy,
@@ -228,7 +230,10 @@ def network_tasks(cfg: PipelineConfig, data: DataOptions, stages: Path, include_
     return tasks
 
 
-def specialist_tasks(cfg: PipelineConfig, data: DataOptions, stages: Path, hierarchy: Hierarchy) -> list[SpecialistTask]:
+def specialist_tasks(
+    cfg: PipelineConfig, data: DataOptions, stages: Path, hierarchy: Hierarchy, specialists_dir: Path | None = None
+) -> list[SpecialistTask]:
+    specialists_dir = specialists_dir or stages / "specialists"
     own = cfg.generalist.kind == "own"
     resident_dir = stages / ("generalist" if own else "vanilla")
     init_dir = str(stages / "vanilla") if (own and cfg.specialist.init == "vanilla") else None
@@ -246,7 +251,7 @@ def specialist_tasks(cfg: PipelineConfig, data: DataOptions, stages: Path, hiera
             optim=cfg.specialist.optim,
             negatives=cfg.specialist.negatives,
             data=data,
-            out_dir=str(stages / "specialists" / f"{s:03d}"),
+            out_dir=str(specialists_dir / f"{s:03d}"),
             seed=cfg.seed,
         )
         for s in range(hierarchy.num_superclasses)
@@ -254,21 +259,31 @@ def specialist_tasks(cfg: PipelineConfig, data: DataOptions, stages: Path, hiera
 
 
 def run_pipeline(
-    cfg: PipelineConfig, out_dir: str | Path, runner: Runner | None = None, tracker: Tracker | None = None, log=print
+    cfg: PipelineConfig,
+    out_dir: str | Path,
+    runner: Runner | None = None,
+    tracker: Tracker | None = None,
+    log=print,
+    shared_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Runs (or resumes) the pipeline into ``out_dir``; returns the metrics written to metrics.json."""
+    """Runs (or resumes) the pipeline into ``out_dir``; returns the metrics written to metrics.json.
+
+    ``shared_dir`` (a study of several variants) holds the data and the base networks, which
+    variants that differ only in generalist, specialist, delta or routing settings share."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base = Path(shared_dir) if shared_dir else out
     save_config(cfg, out / "config.yaml")
     runner = runner or LocalRunner(cfg.device, log=log)
     tracker = tracker or NullTracker()
     t0 = time.perf_counter()
-    stages = out / "stages"
+    stages = base / "stages"
+    specialists = out / "specialists"
     learned = cfg.data.hierarchy.startswith("learned:")
     own = cfg.generalist.kind == "own"
 
     log("== data")
-    manifest_dir = prepare_data(cfg, out, log)
+    manifest_dir = prepare_data(cfg, base, log)
     data = _data_options(cfg, manifest_dir)
 
     log("== base networks")
@@ -278,17 +293,17 @@ def run_pipeline(
     if learned:
         from supersub.relabel import learn_and_relabel
 
-        manifest_dir, stages = learn_and_relabel(cfg, out, stages, data, log)
+        manifest_dir, stages = learn_and_relabel(cfg, base, stages, data, log)
         data = _data_options(cfg, manifest_dir)
         if own:
             _run_pending(runner.run_networks, network_tasks(cfg, data, stages, True)[-1:], tracker, log)
 
     hierarchy = load_manifest(manifest_dir).hierarchy
     log(f"== specialists ({hierarchy.num_superclasses})")
-    _run_pending(runner.run_specialists, specialist_tasks(cfg, data, stages, hierarchy), tracker, log)
+    _run_pending(runner.run_specialists, specialist_tasks(cfg, data, stages, hierarchy, specialists), tracker, log)
 
     log("== evaluation")
-    metrics = evaluate_run(cfg, out, manifest_dir, stages, log)
+    metrics = evaluate_run(cfg, out, manifest_dir, stages, log, specialists)
     metrics["wall_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(format_summary(metrics))
@@ -297,6 +312,17 @@ def run_pipeline(
 
 
 def _run_pending(run, tasks, tracker: Tracker, log) -> None:
+    for t in tasks:  # a finished stage is reused only if it was made with the same settings
+        stamp = Path(t.out_dir) / "task.json"
+        d = to_dict(t)
+        d["data"] = {k: d["data"][k] for k in ("manifest_dir", "image_size")}  # how data is read doesn't matter
+        settings = json.dumps(d, sort_keys=True)
+        if stamp.is_file() and stamp.read_text() != settings:
+            raise ConfigError(
+                f"{t.out_dir} holds a {t.name} stage made with other settings; use another output folder or delete it"
+            )
+        Path(t.out_dir).mkdir(parents=True, exist_ok=True)
+        stamp.write_text(settings)
     pending = [t for t in tasks if not is_done(t.out_dir)]
     for t in tasks:
         if t not in pending:
@@ -308,9 +334,12 @@ def _run_pending(run, tasks, tracker: Tracker, log) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_run(cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Path, log=print) -> dict[str, Any]:
+def evaluate_run(
+    cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Path, log=print, specialists: Path | None = None
+) -> dict[str, Any]:
     """Calibrates routing on val, evaluates everything on test, writes the bundle."""
-    from supersub.evaluation import evaluate_two_stage, network_probs
+    specialists = specialists or stages / "specialists"
+    from supersub.evaluation import evaluate_two_stage, network_probs, save_predictions
     from supersub.loaders import LoaderSpec, make_loader
 
     device = pick_device(cfg.device)
@@ -318,7 +347,7 @@ def evaluate_run(cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Pat
     h = manifest.hierarchy
     own = cfg.generalist.kind == "own"
     resident, resident_spec, _ = load_network(stages / ("generalist" if own else "vanilla"))
-    deltas = {s: load_packed(stages / "specialists" / f"{s:03d}") for s in range(h.num_superclasses)}
+    deltas = {s: load_packed(specialists / f"{s:03d}") for s in range(h.num_superclasses)}
 
     def loader(split: str):
         spec = LoaderSpec(split, "fine", False, 256)
@@ -344,6 +373,8 @@ def evaluate_run(cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Pat
     result = evaluate_two_stage(
         predictor, h, loader(test_split), loader("val") if test_split == "test" else None, cfg.routing, baselines
     )
+    uris = [manifest.uris[i] for i in manifest.indices(test_split)]
+    save_predictions(out / "predictions.parquet", uris, result["labels"], result["probs"], h)
     if own:
         labels = result["labels"]
         coarse = torch.tensor(h.fine_to_coarse)[labels]
@@ -364,7 +395,7 @@ def evaluate_run(cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Pat
         extra={"pipeline": {"name": cfg.name, "test_split": test_split}},
     )
     specialist_results = [
-        json.loads((stages / "specialists" / f"{s:03d}" / "metrics.json").read_text()) for s in range(h.num_superclasses)
+        json.loads((specialists / f"{s:03d}" / "metrics.json").read_text()) for s in range(h.num_superclasses)
     ]
     return {
         "name": cfg.name,

@@ -14,6 +14,7 @@ with which loader — is the :class:`StageContext`'s business, not the stage's.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -28,9 +29,17 @@ from torch import nn
 from supersub.bundle import NetworkSpec
 from supersub.config import from_dict, to_dict
 from supersub.data import load_manifest
-from supersub.delta import DeltaConfig, PackedDelta, PruningSchedule, add_delta, export_delta, set_train_mode
+from supersub.delta import (
+    DeltaConfig,
+    PackedDelta,
+    PruningSchedule,
+    add_delta,
+    choose_fisher_masks,
+    export_delta,
+    set_train_mode,
+)
 from supersub.loaders import LoaderSpec, make_loader
-from supersub.models import ModelConfig, ResNet, build_model
+from supersub.models import ModelConfig, ResNet
 from supersub.train import (
     OptimConfig,
     build_optimizer,
@@ -202,7 +211,7 @@ def _fit(
         offset = epoch * steps
         stats = train_one_epoch(
             model, train_loader, optimizer, scheduler, loss_fn, ctx.device, optim_cfg,
-            step_hook=(lambda s: hook(offset + s)) if hook else None,
+            step_hook=(lambda s, o=offset: hook(o + s)) if hook else None,
         )
         val = evaluate(model, val_loader, ctx.device, optim_cfg)
         row = {
@@ -313,6 +322,12 @@ def finetune_specialist(task: SpecialistTask, ctx: StageContext | None = None) -
     val_spec = LoaderSpec("val", "specialist", False, bs * 2, task.superclass, 0.0, task.seed)
     val = _loader(ctx, task.data, manifest, val_spec)
 
+    if task.delta.mask == "fisher" and _resume(ctx, out_dir) is None:
+        model.eval()  # gradients under the resident's statistics; no BN state changes
+        train.set_epoch(0)
+        batches = itertools.islice(iter(train), task.delta.fisher_batches)
+        choose_fisher_masks(model, deltas, batches, nn.CrossEntropyLoss(), ctx.device)
+
     def schedule_factory(steps_per_epoch: int):
         return PruningSchedule(deltas, task.delta, steps_per_epoch * task.optim.epochs)
 
@@ -353,7 +368,7 @@ def _start_from(model: nn.Module, init_state: dict[str, torch.Tensor], cfg: Delt
     from supersub.delta import delta_layers
 
     for name, d in delta_layers(model):
-        d.delta.copy_(init_state[f"{name}.weight"] - getattr(model, "get_submodule")(name).parametrizations.weight.original)
+        d.delta.copy_(init_state[f"{name}.weight"] - model.get_submodule(name).parametrizations.weight.original)
     if cfg.bn == "adapt":
         for name, m in model.named_modules():
             if isinstance(m, nn.BatchNorm2d) and f"{name}.running_mean" in init_state:

@@ -74,11 +74,23 @@ def test_describe_lists_every_option_with_help():
     assert rows["inner.lr"] == "learning rate" and "epochs" in rows
 
 
-def test_every_shipped_config_file_loads():
+CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_file_loads(path):
+    """Pipeline configs load as PipelineConfig; study files load with every variant applied."""
+    from jobs.study import load_study
     from supersub.pipeline import PipelineConfig
 
-    root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "jobs" / "configs").glob("*.yaml"))
-    assert files, "no config files found"
-    for f in files:
-        load_config(PipelineConfig, f)
+    if path.name.startswith("study_"):
+        base, variants = load_study(path)
+        for overrides in variants.values():
+            load_config(PipelineConfig, base, overrides)
+    else:
+        load_config(PipelineConfig, path)
+
+
+def test_config_files_exist():
+    names = {p.name for p in CONFIG_FILES}
+    assert {"default.yaml", "tiny_imagenet.yaml", "imagenet_paper10.yaml"} <= names

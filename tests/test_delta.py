@@ -179,3 +179,31 @@ def test_config_validation():
         DeltaConfig(stages=["layer9"])
     with pytest.raises(ValueError):
         DeltaConfig(mask="random", sparsify="post")
+
+
+def test_fisher_mask_is_fixed_before_training_and_exported():
+    from supersub.delta import choose_fisher_masks
+
+    base = tiny_base()
+    cfg = DeltaConfig(keep=0.05, mask="fisher")
+    spec = copy.deepcopy(base)
+    deltas = add_delta(spec, cfg, torch.nn.Linear(spec.num_features, 4))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
+    choose_fisher_masks(spec, deltas, [(x, y)], torch.nn.CrossEntropyLoss(), "cpu")
+    masks = [d.mask.clone() for d in deltas]
+    assert all(d.nnz == d.k_final and d.fixed for d in deltas)
+    opt = torch.optim.SGD([p for p in spec.parameters() if p.requires_grad], lr=0.1)
+    schedule = PruningSchedule(deltas, cfg, 4)
+    for step in range(4):
+        loss = torch.nn.functional.cross_entropy(spec(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule(step)
+    assert all(torch.equal(m, d.mask) for m, d in zip(masks, deltas))  # never pruned further
+    spec.eval()
+    expected = spec(x)
+    packed = export_delta(spec, cfg, 0)
+    restored = copy.deepcopy(base)
+    with applied(restored, materialize(packed)) as head:
+        assert torch.equal(expected, restored.forward_head(restored.forward_stages(x), head))

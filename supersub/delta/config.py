@@ -31,11 +31,13 @@ class DeltaConfig:
         help="gradual: magnitude pruning towards `keep` during finetuning (Zhu & Gupta 2017); "
         "post: finetune a dense delta, prune once at export",
     )
-    mask: Literal["magnitude", "random"] = field(
+    mask: Literal["magnitude", "fisher", "random"] = field(
         "magnitude",
-        help="magnitude: positions chosen by |delta| (stored, ~1 byte each); random: fixed positions from a "
-        "seed (SHiRA-style, nothing stored but the seed)",
+        help="magnitude: gradual pruning by |delta| (positions stored, ~1 byte each); fisher: fixed before "
+        "finetuning by the largest squared gradients (Sung et al. 2021, positions stored); random: fixed "
+        "positions from a seed (SHiRA-style, nothing stored but the seed)",
     )
+    fisher_batches: int = field(16, help="batches whose squared gradients choose a fisher mask")
     prune_end: float = field(0.6, help="fraction of the finetuning steps by which `keep` is reached (gradual)")
     prune_updates: int = field(20, help="number of mask updates between the start and prune_end (gradual)")
     bn: Literal["frozen", "adapt"] = field(
@@ -54,8 +56,8 @@ class DeltaConfig:
             raise ValueError(f"delta.prune_end must be in (0, 1], got {self.prune_end}")
         if self.prune_updates < 1:
             raise ValueError("delta.prune_updates must be at least 1")
-        if self.sparsify == "post" and self.mask == "random":
-            raise ValueError("delta.mask=random fixes positions before training; it cannot be combined with sparsify=post")
+        if self.sparsify == "post" and self.mask != "magnitude":
+            raise ValueError(f"delta.mask={self.mask} fixes positions before training; it cannot be combined with sparsify=post")
         from supersub.models import STAGES
 
         unknown = [s for s in self.stages if s not in STAGES]

@@ -34,6 +34,7 @@ class SparseQuantDelta(nn.Module):
         self.k_final = max(1, round(keep * numel))
         mask = torch.ones(numel, dtype=torch.bool)
         self.mask_seed = mask_seed
+        self.fixed = mask_seed is not None  # a fixed mask is never pruned
         if mask_seed is not None:  # fixed random positions, chosen before training
             mask = torch.zeros(numel, dtype=torch.bool)
             mask[torch.from_numpy(seeded_positions(numel, self.k_final, mask_seed))] = True
@@ -67,8 +68,8 @@ class SparseQuantDelta(nn.Module):
     def prune_to(self, keep_fraction: float) -> None:
         """Shrinks the mask to the ``keep_fraction`` largest-magnitude entries of the current delta
         (never re-growing pruned ones). Ties break by position, so every DDP rank agrees."""
-        if self.mask_seed is not None:
-            return  # random masks are fixed
+        if self.fixed:
+            return
         numel = self.mask.numel()
         k = max(self.k_final, min(numel, round(keep_fraction * numel)))
         if k >= int(self.mask.sum()):
@@ -80,6 +81,16 @@ class SparseQuantDelta(nn.Module):
         new[idx] = True
         self.mask.copy_(new.view(self.shape))
         self.delta.mul_(self.mask)  # pruned values are gone, not just hidden
+
+    @torch.no_grad()
+    def fix_mask(self, scores: torch.Tensor) -> None:
+        """Fixes the mask to the ``k_final`` entries with the largest ``scores`` (same shape)."""
+        idx = torch.topk(scores.flatten().float(), self.k_final, sorted=False).indices
+        new = torch.zeros(self.mask.numel(), dtype=torch.bool, device=self.mask.device)
+        new[idx] = True
+        self.mask.copy_(new.view(self.shape))
+        self.delta.mul_(self.mask)
+        self.fixed = True
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -100,6 +100,26 @@ def delta_layers(model: nn.Module) -> list[tuple[str, SparseQuantDelta]]:
     return out
 
 
+def choose_fisher_masks(model: nn.Module, deltas: list[SparseQuantDelta], batches, loss_fn, device) -> None:
+    """Fixes every delta's mask to the entries with the largest summed squared gradient over
+    ``batches`` (an empirical Fisher diagonal; FISH mask, Sung et al. 2021,
+    https://arxiv.org/abs/2111.09839): the weights this superclass's loss is most sensitive to.
+    Under DDP the scores are summed over ranks so that every rank picks the same mask."""
+    scores = [torch.zeros_like(d.delta) for d in deltas]
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x.to(device)), y.to(device)).backward()
+        for acc, d in zip(scores, deltas):
+            if d.delta.grad is not None:
+                acc += d.delta.grad.detach() ** 2
+    model.zero_grad(set_to_none=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for acc in scores:
+            torch.distributed.all_reduce(acc)
+    for acc, d in zip(scores, deltas):
+        d.fix_mask(acc)
+
+
 class PruningSchedule:
     """Gradual magnitude pruning (Zhu & Gupta 2017, https://arxiv.org/abs/1710.01878): the kept
     fraction falls from 1 to ``keep`` along a cubic curve over the first ``prune_end`` of the

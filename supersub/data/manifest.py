@@ -1,0 +1,170 @@
+"""The manifest folder: ``manifest.parquet`` (one row per usable image) + ``hierarchy.json``.
+
+Columns: ``uri`` (string), ``wnid`` (string), ``subclass`` (int32, fine index), ``superclass``
+(int32), ``split`` (``train``/``val``/``test``). The Parquet schema metadata key ``supersub``
+holds JSON: ``format_version``, ``source`` (kind, root, params: what the image store needs),
+``hierarchy`` (name), ``counts`` (the bad-data report), ``images`` (count per split) and
+``build`` (the options of the build that wrote it).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from supersub.data.store import ImageStore, open_image_store
+from supersub.errors import DataError
+from supersub.hierarchy.core import Hierarchy, HierarchyError
+
+MANIFEST_FILE = "manifest.parquet"
+HIERARCHY_FILE = "hierarchy.json"
+META_KEY = b"supersub"
+MANIFEST_FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("wnid", pa.string()),
+        ("subclass", pa.int32()),
+        ("superclass", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest: the table, its hierarchy and its metadata (see the module docstring)."""
+
+    path: Path  # the manifest folder
+    table: pa.Table
+    hierarchy: Hierarchy
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @functools.cached_property
+    def uris(self) -> list[str]:
+        return self.table.column("uri").to_pylist()
+
+    @functools.cached_property
+    def subclass(self) -> np.ndarray:
+        """Fine indices, int32 ``[N]``."""
+        return self.table.column("subclass").to_numpy().astype(np.int32)
+
+    @functools.cached_property
+    def superclass(self) -> np.ndarray:
+        """Superclass indices, int32 ``[N]``."""
+        return self.table.column("superclass").to_numpy().astype(np.int32)
+
+    @functools.cached_property
+    def split(self) -> np.ndarray:
+        """Split names, an object array ``[N]``."""
+        return np.asarray(self.table.column("split").to_pylist(), dtype=object)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row indices (int64) of one split, in manifest order."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return np.flatnonzero(self.split == split)
+
+    def counts(self) -> dict[str, int]:
+        return {s: int((self.split == s).sum()) for s in SPLITS}
+
+    def store(self) -> ImageStore:
+        return open_image_store(self.meta)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of ``manifest.parquet`` (keys caches of decoded images)."""
+        h = hashlib.sha256()
+        with open(self.path / MANIFEST_FILE, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Writes via ``write(tmp_path)`` to a temp file in the same folder, then renames over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(out_dir: str | Path, columns: dict[str, Any], hierarchy: Hierarchy, meta: dict[str, Any]) -> Path:
+    """Writes ``hierarchy.json`` then ``manifest.parquet`` into ``out_dir``, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns, schema=SCHEMA)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    _atomic_write(out / HIERARCHY_FILE, lambda tmp: Path(tmp).write_text(hierarchy.to_json() + "\n"))
+    _atomic_write(out / MANIFEST_FILE, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return out
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Loads a manifest folder (or its ``manifest.parquet``) written by :func:`build_manifest`."""
+    folder = Path(path)
+    if folder.name == MANIFEST_FILE:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"manifest folder not found: {folder}")
+    file = folder / MANIFEST_FILE
+    if not file.is_file():
+        raise DataError(f"{folder} is not a manifest folder (no {MANIFEST_FILE}); make one with `supersub data build`")
+    try:
+        table = pq.read_table(file)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{file}: not a readable Parquet file ({e})") from e
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise DataError(f"{file} was not written by supersub (no 'supersub' schema metadata)")
+    meta = json.loads(raw)
+    if meta.get("format_version") != MANIFEST_FORMAT_VERSION:
+        raise DataError(f"{file}: manifest format version {meta.get('format_version')} is not supported")
+    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {', '.join(missing)}")
+    if not (folder / HIERARCHY_FILE).is_file():
+        raise DataError(f"{folder}: {HIERARCHY_FILE} is missing next to {MANIFEST_FILE}")
+    try:
+        hierarchy = Hierarchy.load(folder / HIERARCHY_FILE)
+    except HierarchyError as e:
+        raise DataError(f"{folder / HIERARCHY_FILE}: {e}") from e
+    manifest = Manifest(folder, table.select(SCHEMA.names), hierarchy, meta)
+    if len(manifest) and int(manifest.subclass.max()) >= hierarchy.num_subclasses:
+        raise DataError(f"{folder}: subclass indices exceed the {hierarchy.num_subclasses} classes of {HIERARCHY_FILE}")
+    return manifest
+
+
+def summary_table(hierarchy: Hierarchy, subclass: np.ndarray, split: np.ndarray) -> str:
+    """Per superclass: its subclasses and images per split, plus a total line (plain text)."""
+    f2c = np.asarray(hierarchy.fine_to_coarse, dtype=np.int64)
+    coarse = f2c[np.asarray(subclass, dtype=np.int64)] if len(subclass) else np.zeros(0, np.int64)
+    name_w = max([len("superclass")] + [len(s.name[:32]) for s in hierarchy.superclasses])
+    head = f"{'superclass':<{name_w}}  {'id':<12} {'classes':>7} " + " ".join(f"{s:>8}" for s in SPLITS)
+    lines = [head, "-" * len(head)]
+    for si, sup in enumerate(hierarchy.superclasses):
+        in_sup = coarse == si
+        cells = " ".join(f"{int((in_sup & (split == s)).sum()):>8}" for s in SPLITS)
+        lines.append(f"{sup.name[:32]:<{name_w}}  {sup.id[:12]:<12} {len(sup.subclasses):>7} {cells}")
+    cells = " ".join(f"{int((split == s).sum()):>8}" for s in SPLITS)
+    lines += ["-" * len(head), f"{'total':<{name_w}}  {'':<12} {hierarchy.num_subclasses:>7} {cells}"]
+    return "\n".join(lines)
