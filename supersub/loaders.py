@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from supersub.data import IMAGENET_MEAN, IMAGENET_STD, ManifestDataset, build_transforms, decode_split
+from supersub.data.dataset import eval_draft_size
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,14 @@ class TensorLoader:
         sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         return rows[sl], targets[sl]
 
+    def _usable(self, n: int) -> int:
+        """Rows used in an epoch: training drops the last partial batch (BatchNorm dislikes tiny
+        batches), unless the whole split is smaller than one batch."""
+        bs = self.spec.batch_size
+        return (n // bs) * bs if self.spec.train and n >= bs else n
+
     def __len__(self) -> int:
-        n = self._rows()[0].size
-        return n // self.spec.batch_size if self.spec.train else math.ceil(n / self.spec.batch_size)
+        return math.ceil(self._usable(self._rows()[0].size) / self.spec.batch_size)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         B, _, S, _ = x.shape
@@ -114,7 +120,7 @@ class TensorLoader:
     def __iter__(self):
         rows, targets = self._rows()
         bs = self.spec.batch_size
-        n = (rows.size // bs) * bs if self.spec.train else rows.size
+        n = self._usable(rows.size)
         gen = torch.Generator().manual_seed(hash((self.spec.seed, self.epoch, self.rank)) % 2**31)
         for i in range(0, n, bs):
             idx = torch.from_numpy(rows[i : i + bs]).to(self.images.device)
@@ -145,7 +151,10 @@ class DatasetLoader:
     def __init__(self, manifest, spec: LoaderSpec, n_sub: int, image_size: int, num_workers: int, rank=0, world_size=1):
         self.spec, self.n_sub, self.num_workers = spec, n_sub, num_workers
         self.rank, self.world, self.epoch = rank, world_size, 0
-        self.dataset = ManifestDataset(manifest, spec.split, build_transforms(image_size, spec.train), target="fine")
+        draft = None if spec.train else eval_draft_size(image_size)  # decode as decode_split and serving do
+        self.dataset = ManifestDataset(
+            manifest, spec.split, build_transforms(image_size, spec.train), target="fine", draft_size=draft
+        )
         self.fine, self.coarse = self.dataset.fine, self.dataset.coarse
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,7 +177,7 @@ class DatasetLoader:
             sampler=sampler,
             generator=gen,
             num_workers=self.num_workers,
-            drop_last=self.spec.train,
+            drop_last=self.spec.train and len(ds) >= self.spec.batch_size,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )

@@ -18,9 +18,10 @@ def _coarse(hierarchy: Hierarchy) -> torch.Tensor:
 
 
 def superclass_probs(fine_probs: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
-    """``[N, S]``: the superclass probabilities a fine distribution implies (sums over members)."""
-    out = torch.zeros(fine_probs.shape[0], hierarchy.num_superclasses)
-    return out.index_add_(1, _coarse(hierarchy), fine_probs.float())
+    """``[N, S]``: the superclass probabilities a fine distribution ``[N, C]`` implies (the sum
+    over each superclass's members), on the device of ``fine_probs``."""
+    out = torch.zeros(fine_probs.shape[0], hierarchy.num_superclasses, device=fine_probs.device)
+    return out.index_add_(1, _coarse(hierarchy).to(fine_probs.device), fine_probs.float())
 
 
 def severity_matrix(hierarchy: Hierarchy) -> np.ndarray:

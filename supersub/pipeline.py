@@ -60,6 +60,9 @@ class DataConfig:
     val_fraction: float = field(0.1, help="share of each class's training images held out as val")
     test_fraction: float | None = field(None, help="share held out as test when the source has no eval split (default: val_fraction)")
     verify: bool = field(True, help="decode every image once at build time (bad data counted, converted or skipped)")
+    max_train_per_class: int | None = field(
+        None, help="keep at most this many train images per class (a smaller study; val and test untouched)"
+    )
     loader: Literal["auto", "tensors", "dataset", "ray_data"] = field(
         "auto", help="tensors: decoded split in memory (<= 64 px); dataset: torch DataLoader; ray_data: Ray Data (Ray runner)"
     )
@@ -211,8 +214,26 @@ def prepare_data(cfg: PipelineConfig, out: Path, log=print) -> Path:
         verify=cfg.data.verify,
         num_workers=max(1, cfg.data.num_workers),
     )
+    if cfg.data.max_train_per_class is not None:
+        _limit_train(data_dir, cfg.data.max_train_per_class)
     stamp.write_text(json.dumps(spec))
     return data_dir
+
+
+def _limit_train(data_dir: Path, per_class: int) -> None:
+    """Drops train rows beyond ``per_class`` per class (the build's seeded order decides which)."""
+    from supersub.data.manifest import write_manifest
+
+    m = load_manifest(data_dir)
+    keep, seen = [], {}
+    for i, (split, c) in enumerate(zip(m.split, m.subclass)):
+        if split == "train":
+            seen[c] = seen.get(c, 0) + 1
+            if seen[c] > per_class:
+                continue
+        keep.append(i)
+    table = m.table.take(keep)
+    write_manifest(data_dir, {n: table.column(n) for n in table.column_names}, m.hierarchy, m.meta)
 
 
 def _data_options(cfg: PipelineConfig, manifest_dir: Path) -> DataOptions:

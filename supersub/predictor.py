@@ -35,6 +35,7 @@ from torch import nn
 from supersub.config import field
 from supersub.delta import MaterializedDelta, PackedDelta, applied, materialize
 from supersub.hierarchy import Hierarchy
+from supersub.metrics import superclass_probs
 from supersub.models import STAGES, ResNet
 
 
@@ -110,6 +111,57 @@ def combine(out: StageOutputs, routing: RoutingConfig) -> torch.Tensor:
     return mix / mix.sum(1, keepdim=True).clamp_min(1e-30)
 
 
+@dataclass
+class Plan:
+    """Which specialist answers which image: ``routes [B, K]`` are the superclasses considered per
+    image (most probable first); ``calls[s] = (image indices [m], route slots [m])``."""
+
+    routes: torch.Tensor
+    calls: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def plan(super_probs: torch.Tensor, routing: RoutingConfig, forced: torch.Tensor | None = None) -> Plan:
+    """Routes for ``super_probs [B, S]``: the top-1 (hard) or top-k (soft) superclasses, where an
+    image whose top-1 probability reaches ``threshold`` needs its top-1 specialist only (``combine``
+    gives its other routes no weight). ``forced [B]`` routes each image to one given superclass
+    (oracle routing)."""
+    if forced is not None:
+        routes = forced.to(super_probs.device).long()[:, None]
+        needed = torch.ones_like(routes, dtype=torch.bool)
+    else:
+        k = 1 if routing.mode == "hard" else min(routing.k, super_probs.shape[1])
+        top = super_probs.topk(k, 1)
+        routes = top.indices
+        needed = torch.zeros(routes.shape, dtype=torch.bool, device=routes.device)
+        needed[:, 0] = True
+        needed[top.values[:, 0] < routing.threshold, 1:] = True
+    calls = {}
+    for s in routes[needed].unique().tolist():
+        b, r = ((routes == s) & needed).nonzero(as_tuple=True)
+        calls[s] = (b, r)
+    return Plan(routes, calls)
+
+
+def assemble(
+    hierarchy: Hierarchy,
+    super_probs: torch.Tensor,
+    resident_fine: torch.Tensor | None,
+    p: Plan,
+    answers: dict[int, torch.Tensor],
+) -> StageOutputs:
+    """:class:`StageOutputs` (on the CPU) from stage one and each called specialist's softmax
+    ``answers[s]`` (rows in the order of ``p.calls[s]``), scattered into fine-class positions; an
+    "other" output is dropped; routes no specialist answered stay zero."""
+    B, K = p.routes.shape
+    spec = torch.zeros(B, K, hierarchy.num_subclasses)
+    for s, (b, r) in p.calls.items():
+        cols = torch.tensor(hierarchy.coarse_to_fine[s])
+        spec[b.cpu()[:, None], r.cpu()[:, None], cols[None, :]] = answers[s][:, : len(cols)].float().cpu()
+    return StageOutputs(
+        super_probs.float().cpu(), None if resident_fine is None else resident_fine.float().cpu(), p.routes.cpu(), spec
+    )
+
+
 class TwoStagePredictor:
     """Generalist → superclass → specialist (resident + delta) → subclass, on one network.
 
@@ -138,8 +190,6 @@ class TwoStagePredictor:
         self.amp, self.cache_bytes = amp, cache_bytes
         stages = {d.meta["first_stage"] for d in deltas.values()}
         self.first_stage = min(stages)  # stages before it are the shared trunk
-        self.fine_index = [torch.tensor(ix, device=self.device) for ix in hierarchy.coarse_to_fine]
-        self.coarse_of = torch.tensor(hierarchy.fine_to_coarse, device=self.device)
         self._cache: OrderedDict[int, MaterializedDelta] = OrderedDict()
         self.timings = {"stage1_s": 0.0, "stage2_s": 0.0, "specialist_passes": 0, "images": 0}
 
@@ -158,6 +208,7 @@ class TwoStagePredictor:
                 self._cache.popitem(last=False)
         return m
 
+    @torch.no_grad()
     def stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Shared trunk ``[B, ...]``, superclass probabilities ``[B, S]`` and, for a vanilla
         resident, its subclass probabilities ``[B, C]``."""
@@ -166,68 +217,46 @@ class TwoStagePredictor:
             logits = self.base.forward_head(self.base.forward_stages(trunk, self.first_stage, len(STAGES))).float()
         probs = torch.softmax(logits, 1)
         if self.resident == "vanilla":
-            sup = torch.zeros(x.shape[0], self.hierarchy.num_superclasses, device=probs.device)
-            return trunk, sup.index_add_(1, self.coarse_of, probs), probs
+            return trunk, superclass_probs(probs, self.hierarchy), probs
         return trunk, probs, None
 
-    def specialist(self, s: int, trunk: torch.Tensor) -> torch.Tensor:
-        """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features."""
-        with applied(self.base, self._delta(s)) as head, self._autocast():
+    @torch.no_grad()
+    def specialist(self, s: int, trunk: torch.Tensor, delta: MaterializedDelta | None = None) -> torch.Tensor:
+        """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features (the
+        output of the stages before ``first_stage``). ``delta`` overrides this predictor's own
+        (serving keeps its own cache). Not thread-safe: the delta is applied to ``self.base``."""
+        with applied(self.base, delta or self._delta(s)) as head, self._autocast():
             h = self.base.forward_stages(trunk, self.first_stage, len(STAGES))
             return torch.softmax(self.base.forward_head(h, head).float(), 1)
 
     # ------------------------------------------------------------------ batches
     @torch.no_grad()
-    def run(self, x: torch.Tensor, top: int = 1, forced: torch.Tensor | None = None) -> StageOutputs:
-        """Runs stage one and the specialists of each image's ``top`` most probable superclasses
-        (or of the ``forced`` superclass per image: oracle routing)."""
+    def _outputs(self, x: torch.Tensor, routing: RoutingConfig, forced: torch.Tensor | None = None) -> StageOutputs:
         x = x.to(self.device)
         t0 = time.perf_counter()
         trunk, sup, resident_fine = self.stage1(x)
         t1 = time.perf_counter()
-        routes = forced.to(self.device)[:, None] if forced is not None else sup.topk(top, 1).indices
-        B, K = routes.shape
-        spec = torch.zeros(B, K, self.hierarchy.num_subclasses, device=self.device)
-        for s in routes.unique().tolist():
-            b, r = (routes == s).nonzero(as_tuple=True)
-            p = self.specialist(s, trunk[b])[:, : len(self.fine_index[s])]  # drop "other"
-            spec[b[:, None], r[:, None], self.fine_index[s][None, :]] = p
-            self.timings["specialist_passes"] += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        p = plan(sup, routing, forced)
+        answers = {s: self.specialist(s, trunk[b]) for s, (b, _) in p.calls.items()}
+        out = assemble(self.hierarchy, sup, resident_fine, p, answers)  # copies to the CPU: synchronises
         self.timings["stage1_s"] += t1 - t0
         self.timings["stage2_s"] += time.perf_counter() - t1
-        self.timings["images"] += B
-        return StageOutputs(
-            sup.cpu(), None if resident_fine is None else resident_fine.cpu(), routes.cpu(), spec.cpu()
-        )
+        self.timings["specialist_passes"] += len(p.calls)
+        self.timings["images"] += x.shape[0]
+        return out
 
-    @torch.no_grad()
+    def run(self, x: torch.Tensor, top: int = 1, forced: torch.Tensor | None = None) -> StageOutputs:
+        """Stage one and the specialists of every image's ``top`` most probable superclasses (or
+        of the ``forced`` superclass per image: oracle routing), for recombining under several
+        routing configurations (calibration)."""
+        top = min(top, self.hierarchy.num_superclasses)
+        return self._outputs(x, RoutingConfig(mode="soft", k=top, calibrate=False), forced)
+
     def predict(self, x: torch.Tensor, routing: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine probabilities ``[B, C]`` and superclass probabilities ``[B, S]`` for images
         ``[B, 3, H, W]``, running only the specialists that routing needs."""
-        if routing.mode == "hard" or routing.k == 1:
-            out = self.run(x, 1)
-        elif routing.threshold < 1:
-            # Confident images need their top specialist only: run the rest on the others.
-            trunk_top = self.run(x, 1)
-            unsure = trunk_top.super_probs.max(1).values < routing.threshold
-            out = self._pad(trunk_top, routing.k)
-            if unsure.any():
-                more = self.run(x[unsure.to(x.device)], routing.k)
-                for name in ("routes", "spec_fine"):
-                    getattr(out, name)[unsure] = getattr(more, name)
-        else:
-            out = self.run(x, min(routing.k, self.hierarchy.num_superclasses))
+        out = self._outputs(x, routing)
         return combine(out, routing), out.super_probs
-
-    def _pad(self, out: StageOutputs, k: int) -> StageOutputs:
-        B, _, C = out.spec_fine.shape
-        k = min(k, self.hierarchy.num_superclasses)
-        routes = out.super_probs.topk(k, 1).indices
-        spec = torch.zeros(B, k, C)
-        spec[:, 0] = out.spec_fine[:, 0]
-        return StageOutputs(out.super_probs, out.resident_fine, routes, spec)
 
 
 def permute_head(fc: nn.Linear, old_ids: list[str], new_ids: list[str]) -> None:

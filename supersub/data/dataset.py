@@ -11,6 +11,7 @@ Two ways to feed a model:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,26 @@ SMALL_IMAGE = 64  # at or below this side, CIFAR-style augmentation (pad + crop)
 Target = Literal["fine", "coarse", "local"]
 
 
+def eval_geometry(img: Image.Image, size: int) -> Image.Image:
+    """The one evaluation geometry, shared by evaluation loaders, :func:`decode_split` and serving
+    so that a served image reaches the network exactly as evaluated: at most 64 px, fit (shorter
+    side to ``size``, centre crop); larger, shorter side to ``1.14 · size`` then a centre crop
+    (the usual 256 → 224)."""
+    if size <= SMALL_IMAGE:
+        return img if img.size == (size, size) else ImageOps.fit(img, (size, size), Image.BILINEAR)
+    short = int(round(size * 1.14))
+    w, h = img.size
+    scale = short / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def eval_draft_size(size: int) -> int:
+    """The JPEG draft size (DCT-scaled decoding) that :func:`eval_geometry` needs."""
+    return size if size <= SMALL_IMAGE else int(round(size * 1.14))
+
+
 def build_transforms(image_size: int, train: bool) -> Any:
     """Transforms from an RGB PIL image to a normalised float tensor ``[3, S, S]``.
 
@@ -41,21 +62,19 @@ def build_transforms(image_size: int, train: bool) -> Any:
       (the usual 256 → 224 ratio).
 
     "Fit" is a resize of the shorter side to ``S`` and a centre crop (a no-op for square inputs).
-    Normalisation uses :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`.
+    Evaluation is :func:`eval_geometry`. Normalisation uses :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`.
     """
     from torchvision import transforms as T  # lazy: torchvision takes seconds to import
 
     if image_size < 8:
         raise DataError(f"image_size must be at least 8 pixels, got {image_size}")
     s = image_size
-    if s <= SMALL_IMAGE:
-        steps: list[Any] = [T.Resize(s), T.CenterCrop(s)]
-        if train:
-            steps += [T.RandomCrop(s, padding=max(1, s // 8)), T.RandomHorizontalFlip()]
-    elif train:
-        steps = [T.RandomResizedCrop(s), T.RandomHorizontalFlip()]
+    if not train:
+        steps: list[Any] = [T.Lambda(functools.partial(eval_geometry, size=s))]
+    elif s <= SMALL_IMAGE:
+        steps = [T.Resize(s), T.CenterCrop(s), T.RandomCrop(s, padding=max(1, s // 8)), T.RandomHorizontalFlip()]
     else:
-        steps = [T.Resize(int(round(s * 1.14))), T.CenterCrop(s)]
+        steps = [T.RandomResizedCrop(s), T.RandomHorizontalFlip()]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -138,10 +157,8 @@ class ManifestDataset(Dataset):
 
 # ---------------------------------------------------------------- whole-split decoding
 def _fit(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side → ``size``, centre crop; uint8 ``[size, size, 3]``."""
-    if img.size != (size, size):
-        img = ImageOps.fit(img, (size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    """:func:`eval_geometry` as uint8 ``[size, size, 3]``."""
+    return np.asarray(eval_geometry(img, size), dtype=np.uint8)
 
 
 def _decode_chunk(task: tuple[dict[str, Any], list[str], int]) -> np.ndarray:
@@ -152,7 +169,7 @@ def _decode_chunk(task: tuple[dict[str, Any], list[str], int]) -> np.ndarray:
         if arr.shape[1] == size:
             return arr
         return np.stack([_fit(Image.fromarray(a), size) for a in arr])
-    return np.stack([_fit(store.read(u, draft_size=size), size) for u in uris]) if uris else np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([_fit(store.read(u, draft_size=eval_draft_size(size)), size) for u in uris]) if uris else np.zeros((0, size, size, 3), np.uint8)
 
 
 def decode_split(

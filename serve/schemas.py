@@ -1,0 +1,80 @@
+"""The HTTP API's JSON shapes (they also make the OpenAPI page at ``/docs``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ClassScore(BaseModel):
+    index: int = Field(description="position in the hierarchy's order (fine index for a subclass)")
+    id: str = Field(description="class id, e.g. an ImageNet wnid")
+    name: str
+    probability: float
+
+
+class Scored(BaseModel):
+    id: str
+    name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    superclass: ClassScore
+    subclass: ClassScore
+    top_k: list[Scored] = Field(description="most probable subclasses, most probable first")
+    timing_ms: dict[str, float] = Field(
+        description="per stage, measured in the replicas: decode (this image), generalist and specialist "
+        "(two-stage app) or network (single-network app) for the request's images, total (whole request "
+        "inside the ingress)"
+    )
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction]
+
+
+class Health(BaseModel):
+    status: str
+    app: str
+    bundle: str
+    resident: str
+    routing: dict | None
+    superclasses: int
+    subclasses: int
+    image_size: int
+
+
+class Problem(BaseModel):
+    detail: str | list = Field(description="why the request was refused")
+
+
+# Request bodies /predict accepts, for the OpenAPI page (the handler reads the raw request).
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"type": "object", "properties": {"image": {"type": "string", "format": "byte"}}, "required": ["image"]},
+                        {
+                            "type": "object",
+                            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+                            "required": ["images"],
+                        },
+                    ]
+                }
+            },
+        },
+    }
+}

@@ -1,0 +1,119 @@
+"""A tiny random bundle and test images for the serving tests and the load script.
+
+No data layer and no training: random-initialised ``resnet10 × 0.25`` networks and random
+sparse quantised deltas, written with :func:`supersub.bundle.write_bundle`. The heads are fitted
+to standardised features of probe pictures, so that pictures go to different superclasses and
+some pass a routing threshold while others do not: every routing path runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from supersub.bundle import NetworkSpec, write_bundle
+from supersub.data import build_transforms
+from supersub.delta import DeltaConfig, add_delta, export_delta
+from supersub.hierarchy import Hierarchy, Subclass, Superclass
+from supersub.models import ModelConfig, build_model
+
+IMAGE_SIZE = 32
+
+
+def tiny_hierarchy(num_superclasses: int = 3) -> Hierarchy:
+    return Hierarchy(
+        "tiny",
+        tuple(
+            Superclass(f"n0{i}", f"super{i}", tuple(Subclass(f"n1{i}{j}", f"sub{i}.{j}") for j in range(3 + i)))
+            for i in range(num_superclasses)
+        ),
+    )
+
+
+def _probe_images(n: int = 64) -> torch.Tensor:
+    """Image-like inputs ``[n, 3, 32, 32]``: pictures of :func:`image_bytes`, preprocessed."""
+    transform = build_transforms(IMAGE_SIZE, train=False)
+    return torch.stack([transform(Image.open(io.BytesIO(image_bytes(10_000 + i))).convert("RGB")) for i in range(n)])
+
+
+@torch.no_grad()
+def _fit_head(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor, scale: float) -> None:
+    """A random head over standardised features: random networks map every picture to about
+    the same features, and a plain random head would answer one class for all of them."""
+    h = torch.flatten(net.avgpool(net.forward_stages(x)), 1)
+    mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
+    w = torch.randn(head.out_features, h.shape[1]) / h.shape[1] ** 0.5 * scale / sd
+    head.weight.copy_(w)
+    head.bias.copy_(-(w @ mu))
+
+
+def _randomise(net: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)  # zero-init residual BNs would make blocks identities
+    net.eval()
+    _fit_head(net, net.fc, x, 3.0)
+    return net
+
+
+def make_tiny_bundle(
+    out: str | Path,
+    *,
+    resident: Literal["vanilla", "generalist"] = "vanilla",
+    stages: tuple[str, ...] = ("layer3", "layer4"),
+    num_superclasses: int = 3,
+    routing: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """Writes a bundle to ``out``: the resident network, one delta per superclass (with an
+    "other" output) and, for a generalist resident, a vanilla baseline."""
+    torch.manual_seed(seed)
+    h = tiny_hierarchy(num_superclasses)
+    mc = ModelConfig(backbone="resnet10", width=0.25)
+    n_out = h.num_subclasses if resident == "vanilla" else h.num_superclasses
+    x = _probe_images()
+    base = _randomise(build_model(mc, n_out, IMAGE_SIZE), x)
+    cfg = DeltaConfig(keep=0.1, bits=4, stages=list(stages))
+    deltas = {}
+    for s, sup in enumerate(h.superclasses):
+        spec = copy.deepcopy(base)
+        head = torch.nn.Linear(spec.num_features, len(sup.subclasses) + 1)
+        for d in add_delta(spec, cfg, head):
+            d.delta.data.normal_(0, 0.05)
+        _fit_head(spec.eval(), head, x, 3.0)
+        deltas[s] = export_delta(spec.eval(), cfg, s)
+    baselines = {}
+    if resident != "vanilla":
+        vanilla = _randomise(build_model(mc, h.num_subclasses, IMAGE_SIZE), x)
+        baselines["vanilla"] = (vanilla, NetworkSpec(mc, h.num_subclasses, IMAGE_SIZE))
+    write_bundle(
+        out,
+        base=base,
+        base_spec=NetworkSpec(mc, n_out, IMAGE_SIZE),
+        resident=resident,
+        hierarchy=h,
+        deltas=deltas,
+        delta_cfg=cfg,
+        routing=routing or {"mode": "soft", "k": 2, "threshold": 0.9, "resident_weight": 0.0, "calibrate": False},
+        baselines=baselines,
+    )
+    return Path(out)
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:
+    """A random smooth-ish RGB picture, encoded."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.BILINEAR)
+    noise = rng.integers(-20, 20, (size[1], size[0], 3))
+    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) + noise, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
