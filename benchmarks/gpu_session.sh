@@ -24,7 +24,7 @@ common=(data.source=.devdata/tiny data.hierarchy=.devdata/tiny_auto10.json
         tracking.enabled=false)
 if [ -n "${SMOKE:-}" ]; then
   bench=(--backbone resnet10 --width 0.25 --image-size 32 --batch 16 --repeats 2 --superclasses 3 --subclasses 4)
-  common+=(data.image_size=32 model.backbone=resnet10 model.width=0.25 train.epochs=1 train.batch_size=64
+  common+=(data.max_train_per_class=8 data.image_size=32 model.backbone=resnet10 model.width=0.25 train.epochs=1 train.batch_size=64
            specialist.optim.epochs=1 data.num_workers=2 baselines.scaled_width=0.5)
 else
   bench=(--backbone resnet18 --image-size 64 --batch 256 --superclasses 11 --subclasses 18)
