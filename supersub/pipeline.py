@@ -27,7 +27,7 @@ from supersub.config import ConfigError, field, save_config, to_dict
 from supersub.data import load_manifest
 from supersub.delta import DeltaConfig
 from supersub.hierarchy import Hierarchy
-from supersub.models import ModelConfig
+from supersub.models import ModelConfig, state_bytes
 from supersub.predictor import RoutingConfig
 from supersub.stages import (
     DataOptions,
@@ -328,7 +328,8 @@ def run_pipeline(
     metrics["wall_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(format_summary(metrics))
-    tracker.summary(metrics, [out / "config.yaml", out / "metrics.json", manifest_dir / "hierarchy.json", out / "bundle"])
+    artifacts = ["config.yaml", "metrics.json", "predictions.parquet", "bundle"]
+    tracker.summary(metrics, [out / a for a in artifacts] + [manifest_dir / "hierarchy.json"])
     return metrics
 
 
@@ -371,7 +372,7 @@ def evaluate_run(
     deltas = {s: load_packed(specialists / f"{s:03d}") for s in range(h.num_superclasses)}
 
     def loader(split: str):
-        spec = LoaderSpec(split, "fine", False, 256)
+        spec = LoaderSpec(split, "fine", False, 512)
         return make_loader(manifest, spec, image_size=cfg.data.image_size, mode=_data_options(cfg, manifest_dir).loader,
                            device=device, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
 
@@ -388,8 +389,11 @@ def evaluate_run(
     from supersub.predictor import TwoStagePredictor
     from supersub.train import amp_dtype
 
+    # Evaluation keeps every materialised delta on the device (tens of MB): each batch needs many
+    # specialists, and decoding them again per batch would dominate. Serving keeps one at a time.
     predictor = TwoStagePredictor(
-        resident, h, deltas, "generalist" if own else "vanilla", device, amp=amp_dtype(cfg.train, device)
+        resident, h, deltas, "generalist" if own else "vanilla", device, amp=amp_dtype(cfg.train, device),
+        cache_bytes=1 << 30,
     )
     result = evaluate_two_stage(
         predictor, h, loader(test_split), loader("val") if test_split == "test" else None, cfg.routing, baselines
@@ -418,14 +422,18 @@ def evaluate_run(
     specialist_results = [
         json.loads((specialists / f"{s:03d}" / "metrics.json").read_text()) for s in range(h.num_superclasses)
     ]
+    bytes_ = dict(manifest_json["bytes"])
+    bytes_["baselines"] = {name: state_bytes(model) for name, (model, _) in networks.items()}
     return {
         "name": cfg.name,
         "test_split": test_split,
+        "manifest_dir": str(manifest_dir.resolve()),
+        "stages_dir": str(stages.resolve()),
         "hierarchy": {"name": h.name, "superclasses": [s.name for s in h.superclasses], "sizes": [len(s.subclasses) for s in h.superclasses]},
         "models": result["models"],
         "routing": result["routing"],
         "per_superclass": result["per_superclass"],
-        "bytes": manifest_json["bytes"],
+        "bytes": bytes_,
         "specialists": [
             {k: r[k] for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density", "wall_seconds")}
             for r in specialist_results

@@ -1,0 +1,205 @@
+"""The report's figures: matplotlib (Agg backend, imported lazily) drawing plain numbers to PNG.
+
+Every function takes lists, dicts and arrays that :mod:`supersub.report` has already gathered
+(and written to ``report.json``), draws one figure and saves it at ``path``: a figure never
+computes a number the report does not also print.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DPI = 100
+# Friendly names of the models in legends and axes (the keys of metrics.json's "models").
+LABELS = {
+    "vanilla": "vanilla",
+    "vanilla_scaled": "vanilla (scaled up)",
+    "two_stage_hard": "two-stage, hard",
+    "two_stage_soft": "two-stage, soft",
+    "two_stage_oracle": "two-stage, oracle",
+    "stage1": "stage one (superclass only)",
+    "generalist": "generalist (superclass only)",
+}
+
+
+def _plt() -> Any:
+    # Imported here, not at module level: `import supersub` must stay light, and Agg (no
+    # display) must be chosen before pyplot is first imported.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def short(text: str, width: int = 22) -> str:
+    """``text`` cut to ``width`` characters (ImageNet names run long: 'tabby, tabby cat, ...'),
+    with ``$`` escaped: matplotlib would read a name like 'US$ coin' as the start of mathtext."""
+    text = text.split(",")[0] if len(text) > width else text
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("$", r"\$")
+
+
+def _width(groups: int, series: int) -> float:
+    """Figure width (inches) for ``groups`` clusters of ``series`` bars: wide enough to tell the
+    bars apart, never wider than a page."""
+    return min(13.0, max(6.0, groups * (0.22 * series + 0.4) + 1.5))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # "tight": legends placed outside the axes stay in
+    _plt().close(fig)
+    return path
+
+
+def grouped_bars(
+    groups: Sequence[str], series: dict[str, Sequence[float | None]], path: Path, *, ylabel: str, title: str
+) -> Path:
+    """Bars per group (x) and series (colour); ``None`` values are left out."""
+    plt = _plt()
+    n = max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(_width(len(groups), n), 4.2))
+    x = np.arange(len(groups))
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        ys = [np.nan if v is None else v for v in values]
+        ax.bar(x + (i - (n - 1) / 2) * width, ys, width, label=LABELS.get(name, name))
+    ax.set_xticks(x, [short(g) for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    return _save(fig, path)
+
+
+def error_split(models: Sequence[str], within: Sequence[int], crossing: Sequence[int], path: Path) -> Path:
+    """Stacked bars: each model's errors that stay inside the true superclass and those that
+    cross it, labelled with the crossing share."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(models) + 1.5), 4.0))
+    x = np.arange(len(models))
+    ax.bar(x, within, color="C0", label="within the true superclass")
+    ax.bar(x, crossing, bottom=within, color="C3", label="crossing superclasses")
+    for xi, w, c in zip(x, within, crossing):
+        if w + c:
+            ax.text(xi, w + c, f"{100.0 * c / (w + c):.1f}% cross", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [LABELS.get(m, m) for m in models], rotation=15, ha="right")
+    ax.set_ylabel("misclassified test images")
+    ax.set_title("Where the errors go")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_panels(
+    panels: dict[str, np.ndarray], rows: Sequence[str], cols: Sequence[str], path: Path, *, title: str
+) -> Path:
+    """Side-by-side confusion matrices (row = true, column = predicted). Colour is the row
+    share, so that classes with few images read as clearly as big ones; counts are written in
+    the cells when the matrix is small enough to read them. Columns beyond the rows (a
+    within-superclass block's "other superclasses") are set off by a line."""
+    plt = _plt()
+    n_r, n_c = len(rows), len(cols)
+    cell = 0.42 if max(n_r, n_c) <= 16 else max(0.09, 7.0 / max(n_r, n_c))
+    side_w, side_h = min(14.0, 1.8 + cell * n_c), min(14.0, 1.6 + cell * n_r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(side_w * len(panels), side_h), squeeze=False)
+    labels_too = max(n_r, n_c) <= 40
+    for ax, (name, m) in zip(axes[0], panels.items()):
+        m = np.asarray(m)
+        share = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        if n_c > n_r:
+            ax.axvline(n_r - 0.5, c="0.3", lw=1)
+        if max(n_r, n_c) <= 16:
+            for i, j in zip(*np.nonzero(m)):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+        if labels_too:
+            ax.set_xticks(range(n_c), [short(c, 20) for c in cols], rotation=90, fontsize=7)
+            ax.set_yticks(range(n_r), [short(r, 20) for r in rows], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(LABELS.get(name, name), fontsize=9)
+    fig.suptitle(short(title, 60), fontsize=10)
+    return _save(fig, path)
+
+
+def bytes_bars(names: Sequence[str], ratios: Sequence[float], path: Path, *, total: float) -> Path:
+    """Stored size of each specialist's delta as a fraction of one network."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 3.8))
+    ax.bar(range(len(names)), ratios, color="C2")
+    if ratios:
+        ax.axhline(float(np.mean(ratios)), ls="--", c="0.3", label=f"mean {np.mean(ratios):.4f}")
+        ax.set_ylim(0, 1.25 * max(ratios))  # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xticks(range(len(names)), [short(n) for n in names], rotation=30, ha="right")
+    ax.set_ylabel("delta size (fraction of one network)")
+    ax.set_title(f"Stored: {len(names)}+1 networks in {total:.3f} networks")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def accuracy_vs_bytes(points: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Top-1 against total stored bytes (in networks): the scaled-up vanilla at (about) the same
+    bytes as the two-stage model is the comparison that matters."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for i, p in enumerate(points):  # hard and soft routing share their bytes: markers keep both visible
+        ax.scatter([p["networks"]], [p["top1"]], s=90 - 15 * i, marker="osD^v*"[i % 6], color=f"C{i}", zorder=3,
+                   label=f"{LABELS.get(p['model'], p['model'])}: {p['top1']:.2f}%")
+    if points:
+        ax.set_xlim(0, 1.15 * max(p["networks"] for p in points))  # from zero: sizes read as ratios
+    ax.set_xlabel("stored bytes (networks)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Accuracy vs stored bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def pareto(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], run_point: dict[str, float] | None,
+           path: Path, *, budget: float | None = None, best: dict[str, Any] | None = None) -> Path:
+    """Tune trials: mean specialist val accuracy against mean delta size, the Pareto front, the
+    best trial within the budget, and where this run's specialists sit."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ax.scatter([t["delta_ratio"] for t in trials], [t["val_acc"] for t in trials], c="0.6", label="trials")
+    ax.plot([t["delta_ratio"] for t in front], [t["val_acc"] for t in front], "o-", c="C3", label="Pareto front")
+    if best:
+        ax.scatter([best["delta_ratio"]], [best["val_acc"]], marker="D", s=80, facecolors="none", edgecolors="k",
+                   zorder=4, label="best within budget")
+    if run_point:
+        ax.scatter([run_point["delta_ratio"]], [run_point["val_acc"]], marker="*", s=220, c="C2", zorder=3,
+                   label="this run")
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="0.3", label=f"budget {budget}")
+    ax.set_xlabel("mean delta size (fraction of one network)")
+    ax.set_ylabel("mean specialist val accuracy (%)")
+    ax.set_title("Accuracy vs bytes (tune)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def severity_histogram(hists: dict[str, dict[int, int]], path: Path) -> Path:
+    """Share of each model's errors at each LCA height (how far up the hierarchy a mistake
+    goes: higher is a worse mistake)."""
+    plt = _plt()
+    heights = sorted({h for hist in hists.values() for h in hist})
+    fig, ax = plt.subplots(figsize=(_width(len(heights), len(hists)), 3.8))
+    width = 0.8 / max(len(hists), 1)
+    for i, (name, hist) in enumerate(hists.items()):
+        total = max(sum(hist.values()), 1)
+        xs = np.arange(len(heights)) + (i - (len(hists) - 1) / 2) * width
+        ax.bar(xs, [100.0 * hist.get(h, 0) / total for h in heights], width, label=LABELS.get(name, name))
+    ax.set_xticks(range(len(heights)), [str(h) for h in heights])
+    ax.set_xlabel("LCA height of the mistake")
+    ax.set_ylabel("share of errors (%)")
+    ax.set_title("Mistake severity")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

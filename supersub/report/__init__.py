@@ -1,0 +1,105 @@
+"""``supersub report``: a static HTML report of a run's misclassification patterns.
+
+    supersub report --run runs/default --out report/ [--model two_stage_soft] [--gallery 48]
+    supersub report --run runs/study --out report/ [--variant ours]
+    supersub report --run runs:/<mlflow run id> --out report/ [--mlflow-log]
+
+``--run`` is a pipeline output folder (``metrics.json``, ``predictions.parquet``, ``bundle/``), a
+study folder (``study.json``: one section per variant, or ``--variant NAME``), or an MLflow run
+(``runs:/<id>`` or a bare run id) whose artifacts are downloaded. ``--out`` receives
+``index.html``, the PNG figures and gallery images beside it, and ``report.json``: every number
+the page shows (a page cell's ``data-key`` is its path in that file).
+
+The numbers the pipeline measured come from ``metrics.json`` as written. What it lacks
+(confusion matrices, error counts, LCA heights, galleries) is recomputed from
+``predictions.parquet`` with :mod:`supersub.metrics`, which also checks that the two files agree.
+Images for the galleries come from the manifest the run recorded; when it is not on this
+machine the galleries are left out with a note.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from supersub.config import ConfigError
+from supersub.report.html import render_html
+from supersub.report.sections import Section, clean, read_tune
+from supersub.report.sources import FINE_MODELS, resolve_run, tracking_uri_or_default
+
+FORMAT_VERSION = 1
+# ----------------------------------------------------------------------------- entry points
+__all__ = ["read_tune", "register", "write_report"]
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "run"
+    while slug in taken:
+        slug += "_"
+    taken.add(slug)
+    return slug
+
+
+def write_report(run: str, out: str | Path, *, model: str = "two_stage_soft", gallery: int = 48, per_pair: int = 4,
+                 variant: str | None = None, tune: str | Path | None = None, tracking_uri: str | None = None
+                 ) -> dict[str, Any]:
+    """Writes ``out/index.html``, its PNGs and ``out/report.json``; returns the report's data."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="supersub-report-") as scratch:
+        kind, sources = resolve_run(run, variant, Path(scratch), tracking_uri)
+        many, taken = kind == "study" and variant is None, set()
+        sections = [Section(src, out, _slug(src.name, taken) if many else "", model)
+                    .build(gallery, per_pair, Path(tune) if tune else None) for src in sources]
+    report = clean({"format_version": FORMAT_VERSION, "run": run, "kind": kind, "model": model,
+                     "title": sources[0].name if len(sources) == 1 else Path(run).name, "sections": sections,
+                     "mlflow_run_id": sources[0].mlflow_run_id})
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    (out / "index.html").write_text(render_html(report), encoding="utf-8")
+    return report
+
+
+def log_to_mlflow(out: Path, run_id: str, tracking_uri: str | None = None) -> None:
+    """Logs the report folder as the ``report/`` artifacts of an MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri_or_default(tracking_uri)).log_artifacts(run_id, str(out), "report")
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = write_report(args.run, args.out, model=args.model, gallery=args.gallery, per_pair=args.per_pair,
+                          variant=args.variant, tune=args.tune, tracking_uri=args.tracking_uri)
+    figures = sum(len(s["figures"]) for s in report["sections"])
+    images = sum(len(g["images"]) for s in report["sections"] for g in s.get("gallery", []))
+    print(f"wrote {Path(args.out) / 'index.html'}: {len(report['sections'])} section(s), {figures} figures, "
+          f"{images} gallery images")
+    if args.mlflow_log:
+        run_id = os.environ.get("MLFLOW_RUN_ID") or report["mlflow_run_id"]
+        if not run_id:
+            raise ConfigError("--mlflow-log needs an MLflow RUN or the MLFLOW_RUN_ID environment variable")
+        log_to_mlflow(Path(args.out), run_id, args.tracking_uri)
+        print(f"logged {args.out} as artifacts report/ of MLflow run {run_id}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("report", help="static HTML report of a run's misclassification patterns",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, metavar="RUN", help="pipeline output folder, study folder, runs:/<id> or an MLflow run id")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (index.html, PNGs, report.json)")
+    p.add_argument("--model", default="two_stage_soft", choices=FINE_MODELS,
+                   help="the model whose confusions and misclassified images are shown (default: two_stage_soft)")
+    p.add_argument("--gallery", type=int, default=48, metavar="N", help="misclassified images per section (0: none)")
+    p.add_argument("--per-pair", type=int, default=4, metavar="K", help="at most K images per confused pair")
+    p.add_argument("--variant", help="a study's variant (default: one section per variant)")
+    p.add_argument("--tune", help="a tune output folder or its pareto.json (default: RUN/tune/pareto.json)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ~/.supersub/mlflow.db)")
+    p.add_argument("--mlflow-log", action="store_true",
+                   help="log DIR as artifacts of $MLFLOW_RUN_ID, else of the MLflow RUN itself")
+    p.set_defaults(func=_run)
