@@ -422,6 +422,10 @@ def evaluate_run(
     specialist_results = [
         json.loads((specialists / f"{s:03d}" / "metrics.json").read_text()) for s in range(h.num_superclasses)
     ]
+    def train_images(stage_dir: Path) -> int:
+        path = stage_dir / "metrics.json"
+        return json.loads(path.read_text()).get("train_images", 0) if path.is_file() else 0
+
     bytes_ = dict(manifest_json["bytes"])
     bytes_["baselines"] = {name: state_bytes(model) for name, (model, _) in networks.items()}
     return {
@@ -438,6 +442,12 @@ def evaluate_run(
             {k: r[k] for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density", "wall_seconds")}
             for r in specialist_results
         ],
+        # Training compute (images through a network): the two-stage model pays for its resident
+        # network and every specialist; a fair reading of its gain keeps this in view.
+        "train_images": {
+            **{name: train_images(stages / name) for name in ("vanilla", "vanilla_scaled", "generalist")},
+            "specialists": sum(train_images(specialists / f"{s:03d}") for s in range(h.num_superclasses)),
+        },
         "device": str(device),
         "timings": dict(predictor.timings),
     }

@@ -221,6 +221,7 @@ def _fit(
             "val_loss": val["loss"],
             "val_acc": val["top1"],
             "images_per_s": stats["images_per_s"] * ctx.world_size,
+            "train_images": stats["images"] * ctx.world_size,
             "epoch_seconds": stats["seconds"],
             "peak_mem_mb": stats["peak_mem_mb"],
             "lr": optimizer.param_groups[0]["lr"],
@@ -250,6 +251,8 @@ def _summary(history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "wall_seconds": wall,
         "images_per_s": sum(h["images_per_s"] for h in history) / max(1, len(history)),
         "peak_mem_mb": max((h["peak_mem_mb"] for h in history), default=0.0),
+        # Training compute, in images through the network (forward + backward), for fair comparisons.
+        "train_images": sum(h.get("train_images", 0) for h in history),
     }
 
 
