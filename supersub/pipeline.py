@@ -26,9 +26,11 @@ from supersub.bundle import write_bundle
 from supersub.config import ConfigError, field, save_config, to_dict
 from supersub.data import load_manifest
 from supersub.delta import DeltaConfig
+from supersub.evaluation import evaluate_two_stage, network_probs, save_predictions
 from supersub.hierarchy import Hierarchy
+from supersub.loaders import LoaderSpec, make_loader
 from supersub.models import ModelConfig, state_bytes
-from supersub.predictor import RoutingConfig
+from supersub.predictor import RoutingConfig, TwoStagePredictor
 from supersub.stages import (
     DataOptions,
     NetworkTask,
@@ -39,7 +41,7 @@ from supersub.stages import (
     load_packed,
     train_network,
 )
-from supersub.train import OptimConfig, pick_device
+from supersub.train import OptimConfig, amp_dtype, pick_device
 
 
 # ----------------------------------------------------------------------------- config
@@ -361,9 +363,6 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Calibrates routing on val, evaluates everything on test, writes the bundle."""
     specialists = specialists or stages / "specialists"
-    from supersub.evaluation import evaluate_two_stage, network_probs, save_predictions
-    from supersub.loaders import LoaderSpec, make_loader
-
     device = pick_device(cfg.device)
     manifest = load_manifest(manifest_dir)
     h = manifest.hierarchy
@@ -386,9 +385,6 @@ def evaluate_run(
     if own:
         gen_probs = network_probs(resident.to(device), loader(test_split), device)
 
-    from supersub.predictor import TwoStagePredictor
-    from supersub.train import amp_dtype
-
     # Evaluation keeps every materialised delta on the device (tens of MB): each batch needs many
     # specialists, and decoding them again per batch would dominate. Serving keeps one at a time.
     predictor = TwoStagePredictor(
@@ -406,7 +402,7 @@ def evaluate_run(
         result["models"]["generalist"] = {"superclass_acc": 100.0 * gen_probs.argmax(1).eq(coarse).float().mean().item()}
 
     bundle_dir = out / "bundle"
-    routing = result["routing"]["soft"]
+    routing = result["routing"]["hard" if cfg.routing.mode == "hard" else "soft"]  # what the bundle serves
     manifest_json = write_bundle(
         bundle_dir,
         base=resident,
