@@ -3,8 +3,8 @@
     python -m jobs.study --study jobs/configs/study_tiny_imagenet.yaml --out runs/study [key=value ...]
 
 The study file names a base pipeline config and the variants, each a list of ``key=value``
-overrides of generalist / specialist / delta / routing / hierarchy settings (anything else would
-change the shared networks and is refused). ``key=value`` on the command line applies to every
+overrides of generalist / specialist / delta / routing / baselines / hierarchy settings (anything
+else would change the shared data and networks and is refused). ``key=value`` on the command line applies to every
 variant. Variants run in the file's order; ``--variants a,b`` picks some, ``--time-budget-s``
 stops starting new ones when the time is spent (what is done stays in ``study.json``).
 
@@ -27,7 +27,7 @@ from supersub.config import ConfigError, load_config, parse_overrides
 from supersub.pipeline import LocalRunner, PipelineConfig, run_pipeline
 
 # Sections a variant may change without touching the shared data and base networks.
-VARIANT_SECTIONS = {"generalist", "specialist", "delta", "routing", "name"}
+VARIANT_SECTIONS = {"generalist", "specialist", "delta", "routing", "baselines", "name"}
 VARIANT_KEYS = {"data.hierarchy"}
 
 

@@ -94,3 +94,16 @@ def test_every_shipped_config_file_loads(path):
 def test_config_files_exist():
     names = {p.name for p in CONFIG_FILES}
     assert {"default.yaml", "tiny_imagenet.yaml", "imagenet_paper10.yaml"} <= names
+
+
+def test_study_refuses_variants_that_change_shared_networks(tmp_path):
+    from jobs.study import load_study
+
+    base = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
+    study = tmp_path / "s.yaml"
+    study.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2]\n  b: [train.epochs=3]\n")
+    with pytest.raises(ConfigError, match="variant b changes train.epochs"):
+        load_study(study)
+    study.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2, data.hierarchy=learned:2]\n")
+    path, variants = load_study(study)
+    assert path == base and variants == {"a": ["delta.bits=2", "data.hierarchy=learned:2"]}
