@@ -50,8 +50,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks and converts one YAML value to the annotated type (ints to floats, lists to tuples)."""
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
+    """Checks and converts one YAML value to the annotated type (ints to floats, lists to tuples).
+    ``base``: for a section, the instance a partial mapping updates."""
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional or tp is Any:
@@ -62,7 +63,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(tp, value, prefix=f"{key}.", base=base)
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -101,8 +102,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Builds ``cls`` from a (nested) mapping; unknown keys raise :class:`ConfigError`."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Builds ``cls`` from a (nested) mapping; unknown keys raise :class:`ConfigError`.
+
+    Keys the mapping leaves out keep their values in ``base`` (default: ``cls()``), section by
+    section: ``specialist: {optim: {epochs: 2}}`` changes the specialist's epochs and keeps the
+    specialist's own learning rate, not OptimConfig's class default."""
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -111,9 +116,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key {prefix}{key}{hint}; known keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        base = base if base is not None else cls()
+    except (TypeError, ValueError):
+        base = None  # a class with required fields: only what the mapping gives
+    kwargs = {k: _coerce(v, hints[k], prefix + k, getattr(base, k, None)) for k, v in data.items()}
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise

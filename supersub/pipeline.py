@@ -119,7 +119,9 @@ class ResourcesConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = field(True, help="log to MLflow (jobs layer only)")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite in OUT")
+    tracking_uri: str | None = field(
+        None, help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///~/.supersub/mlflow.db"
+    )
     experiment: str = field("supersub", help="MLflow experiment name")
     log_bundle: bool = field(True, help="log the bundle as an artifact of the parent run")
 
@@ -129,6 +131,7 @@ class PipelineConfig:
     name: str = field("default", help="run name")
     seed: int = field(0, help="seed of data splits, initialisation and data order")
     device: str = field("auto", help="auto (cuda when available), cpu, cuda, cuda:1")
+    report: bool = field(True, help="write OUT/report/ (HTML, confusion plots, galleries) at the end")
     data: DataConfig = field(DataConfig(), help="data")
     model: ModelConfig = field(ModelConfig(backbone="resnet10", width=0.25), help="backbone of every network")
     train: OptimConfig = field(OptimConfig(epochs=8, batch_size=64), help="vanilla / generalist training")
@@ -300,27 +303,9 @@ def run_pipeline(
     runner = runner or LocalRunner(cfg.device, log=log)
     tracker = tracker or NullTracker()
     t0 = time.perf_counter()
-    stages = base / "stages"
     specialists = out / "specialists"
-    learned = cfg.data.hierarchy.startswith("learned:")
-    own = cfg.generalist.kind == "own"
 
-    log("== data")
-    manifest_dir = prepare_data(cfg, base, log)
-    data = _data_options(cfg, manifest_dir)
-
-    log("== base networks")
-    tasks = network_tasks(cfg, data, stages, include_generalist=own and not learned)
-    _run_pending(runner.run_networks, tasks, tracker, log)
-
-    if learned:
-        from supersub.relabel import learn_and_relabel
-
-        manifest_dir, stages = learn_and_relabel(cfg, base, stages, data, log)
-        data = _data_options(cfg, manifest_dir)
-        if own:
-            _run_pending(runner.run_networks, network_tasks(cfg, data, stages, True)[-1:], tracker, log)
-
+    manifest_dir, stages, data = train_base_networks(cfg, base, runner, tracker, log)
     hierarchy = load_manifest(manifest_dir).hierarchy
     log(f"== specialists ({hierarchy.num_superclasses})")
     _run_pending(runner.run_specialists, specialist_tasks(cfg, data, stages, hierarchy, specialists), tracker, log)
@@ -331,15 +316,47 @@ def run_pipeline(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(format_summary(metrics))
     artifacts = ["config.yaml", "metrics.json", "predictions.parquet", "bundle"]
+    if cfg.report:
+        from supersub.report import write_report
+
+        write_report(str(out), out / "report")  # confusion plots, galleries: readable without MLflow
+        artifacts.append("report")
+        log(f"report: {out / 'report' / 'index.html'}")
     tracker.summary(metrics, [out / a for a in artifacts] + [manifest_dir / "hierarchy.json"])
     return metrics
+
+
+def train_base_networks(
+    cfg: PipelineConfig, base: Path, runner: Runner, tracker: Tracker, log=print
+) -> tuple[Path, Path, DataOptions]:
+    """The first half of the pipeline, shared with ``jobs.tune``: the data, the vanilla network
+    (+ scaled-up vanilla, + own generalist) and, for ``learned:K``, the learned hierarchy.
+    Returns the manifest folder, the folder of the network stages and the data options."""
+    learned = cfg.data.hierarchy.startswith("learned:")
+    own = cfg.generalist.kind == "own"
+    stages = base / "stages"
+    log("== data")
+    manifest_dir = prepare_data(cfg, base, log)
+    data = _data_options(cfg, manifest_dir)
+    log("== base networks")
+    _run_pending(runner.run_networks, network_tasks(cfg, data, stages, include_generalist=own and not learned), tracker, log)
+    if learned:
+        from supersub.relabel import learn_and_relabel
+
+        manifest_dir, stages = learn_and_relabel(cfg, base, stages, data, log)
+        data = _data_options(cfg, manifest_dir)
+        if own:
+            _run_pending(runner.run_networks, network_tasks(cfg, data, stages, True)[-1:], tracker, log)
+    return manifest_dir, stages, data
 
 
 def _run_pending(run, tasks, tracker: Tracker, log) -> None:
     for t in tasks:  # a finished stage is reused only if it was made with the same settings
         stamp = Path(t.out_dir) / "task.json"
-        d = to_dict(t)
-        d["data"] = {k: d["data"][k] for k in ("manifest_dir", "image_size")}  # how data is read doesn't matter
+        # What a stage computes, not where its files live (a moved output folder still resumes)
+        # nor how its data is read.
+        d = {k: v for k, v in to_dict(t).items() if not k.endswith("_dir")}
+        d["data"] = {"image_size": d["data"]["image_size"]}
         settings = json.dumps(d, sort_keys=True)
         if stamp.is_file() and stamp.read_text() != settings:
             raise ConfigError(

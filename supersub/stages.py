@@ -145,6 +145,21 @@ def load_network(stage_dir: str | Path) -> tuple[ResNet, NetworkSpec, list[str]]
     return model.eval(), spec, meta["class_ids"]
 
 
+def loader_specs(task: NetworkTask | SpecialistTask) -> dict[str, LoaderSpec]:
+    """The loaders a stage asks for, by split (a Ray Data runner builds its datasets from these)."""
+    bs = task.optim.batch_size
+    if isinstance(task, NetworkTask):
+        return {
+            "train": LoaderSpec("train", task.target, True, bs, seed=task.seed),
+            "val": LoaderSpec("val", task.target, False, bs * 2, seed=task.seed),
+        }
+    s = task.superclass
+    return {
+        "train": LoaderSpec("train", "specialist", True, bs, s, task.negatives, task.seed),
+        "val": LoaderSpec("val", "specialist", False, bs * 2, s, 0.0, task.seed),
+    }
+
+
 def is_done(out_dir: str | Path) -> bool:
     return (Path(out_dir) / "metrics.json").is_file()
 
@@ -183,6 +198,7 @@ def _fit(
     *,
     train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
     step_hook_factory: Callable[[int], Callable[[int], None]] | None = None,
+    eval_classes: int | None = None,
 ) -> list[dict[str, Any]]:
     """The epoch loop shared by both stages: train, evaluate, checkpoint, report, resume."""
     raw = model
@@ -213,7 +229,7 @@ def _fit(
             model, train_loader, optimizer, scheduler, loss_fn, ctx.device, optim_cfg,
             step_hook=(lambda s, o=offset: hook(o + s)) if hook else None,
         )
-        val = evaluate(model, val_loader, ctx.device, optim_cfg)
+        val = evaluate(model, val_loader, ctx.device, optim_cfg, eval_classes)
         row = {
             "epoch": epoch + 1,
             "train_loss": stats["loss"],
@@ -269,9 +285,9 @@ def train_network(task: NetworkTask, ctx: StageContext | None = None) -> dict[st
     class_ids = h.subclass_ids if task.target == "fine" else h.superclass_ids
     spec = NetworkSpec(task.model, num_outputs, task.data.image_size)
     model = spec.build().to(ctx.device)
-    bs = task.optim.batch_size
-    train = _loader(ctx, task.data, manifest, LoaderSpec("train", task.target, True, bs, seed=task.seed))
-    val = _loader(ctx, task.data, manifest, LoaderSpec("val", task.target, False, bs * 2, seed=task.seed))
+    specs = loader_specs(task)
+    train = _loader(ctx, task.data, manifest, specs["train"])
+    val = _loader(ctx, task.data, manifest, specs["val"])
     history = _fit(model, train, val, task.optim, ctx, out_dir, task.name)
     result = {"name": task.name, "target": task.target, **_summary(history, time.perf_counter() - t0)}
     result["val_acc"] = history[-1]["val_acc"] if history else float("nan")
@@ -319,11 +335,9 @@ def finetune_specialist(task: SpecialistTask, ctx: StageContext | None = None) -
     if task.init_dir:
         _start_from(model, init_state, task.delta)
     model = model.to(ctx.device)
-    bs = task.optim.batch_size
-    lspec = LoaderSpec("train", "specialist", True, bs, task.superclass, task.negatives, task.seed)
-    train = _loader(ctx, task.data, manifest, lspec)
-    val_spec = LoaderSpec("val", "specialist", False, bs * 2, task.superclass, 0.0, task.seed)
-    val = _loader(ctx, task.data, manifest, val_spec)
+    specs = loader_specs(task)
+    train = _loader(ctx, task.data, manifest, specs["train"])
+    val = _loader(ctx, task.data, manifest, specs["val"])
 
     if task.delta.mask == "fisher" and _resume(ctx, out_dir) is None:
         model.eval()  # gradients under the resident's statistics; no BN state changes
@@ -338,10 +352,11 @@ def finetune_specialist(task: SpecialistTask, ctx: StageContext | None = None) -
         model, train, val, task.optim, ctx, out_dir, task.name,
         train_mode=lambda m: set_train_mode(m, task.delta),
         step_hook_factory=schedule_factory,
+        eval_classes=len(members),
     )
     plain = unwrap(model)
     packed = export_delta(plain, task.delta, task.superclass)
-    final = evaluate(plain, val, ctx.device, task.optim)  # the exported (finalised) delta's accuracy
+    final = evaluate(plain, val, ctx.device, task.optim, len(members))  # the exported delta's accuracy
     nbytes = len(packed.to_bytes())
     network_bytes = sum(t.numel() * t.element_size() for t in resident.state_dict().values())
     nnz = sum(int(e["nnz"]) for e in packed.meta["layers"].values())
@@ -391,6 +406,7 @@ __all__ = [
     "asdict",
     "finetune_specialist",
     "is_done",
+    "loader_specs",
     "load_network",
     "load_packed",
     "train_network",

@@ -201,10 +201,16 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     cfg: OptimConfig | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) and images/s of ``model`` over ``loader``."""
+    """Loss, top-1 and top-5 accuracy (%) and images/s of ``model`` over ``loader``.
+
+    ``num_classes`` keeps only the first outputs: a specialist's "other" output is not an answer
+    the two-stage model can give, so it is left out of its accuracy."""
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, device, cfg)
+    if num_classes is not None:
+        logits = logits[:, :num_classes]
     seconds = time.perf_counter() - start
     if labels.numel() == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images_per_s": 0.0}

@@ -22,3 +22,17 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, shared by the Ray, Tune and Serve tests. With the
+    dashboard: under Ray 2.60, Tune with Train V2 frees the placement groups of trials that ASHA
+    stopped through the State API, which needs it (ray-project/ray#54305); without it later
+    trials never start."""
+    from ray_helpers import start_session_ray, stop_session_ray
+
+    started = start_session_ray()
+    yield
+    if started:
+        stop_session_ray()

@@ -107,3 +107,14 @@ def test_study_refuses_variants_that_change_shared_networks(tmp_path):
     study.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2, data.hierarchy=learned:2]\n")
     path, variants = load_study(study)
     assert path == base and variants == {"a": ["delta.bits=2", "data.hierarchy=learned:2"]}
+
+
+def test_partial_section_keeps_that_sections_own_defaults():
+    from supersub.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, None, ["specialist.optim.epochs=2", "model.width=0.5"])
+    default = PipelineConfig()
+    assert cfg.specialist.optim.epochs == 2
+    assert cfg.specialist.optim.lr == default.specialist.optim.lr != 0.1  # not OptimConfig's class default
+    assert cfg.specialist.optim.weight_decay == 0.0
+    assert cfg.model.backbone == default.model.backbone == "resnet10"

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import os
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -58,24 +55,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(bundles: dict[str, Path]) -> Iterator[str]:
-    """Base URL of a Serve instance running both apps."""
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    # A short private temp dir: Ray's socket paths must stay under ~107 characters.
-    scratch = tempfile.mkdtemp(prefix="ssray-", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = scratch
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500_000_000, log_to_driver=False)
+def server(ray_session, bundles: dict[str, Path]) -> Iterator[str]:
+    """Base URL of a Serve instance running both apps, on the session's Ray."""
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"bundle": str(bundles["vanilla"]), **TWO_ARGS}), name="two", route_prefix="/two")
     serve.run(vanilla_app({"bundle": str(bundles["generalist"]), **LIMITS}), name="vanilla", route_prefix="/vanilla")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    if started:
-        ray.shutdown()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,264 @@
+"""The orchestration layer: jobs.pipeline on Ray (one local Ray per session), MLflow tracking,
+resumption, a simulated two-node cluster, failure recovery, ray job submit, and the
+in-process mode without Ray or MLflow.
+
+Everything runs the default config (jobs/configs/default.yaml) on tiny settings
+(tests/ray_helpers.py: 240 synthetic 16-px images, 2 superclasses, 2 epochs, resnet10 x 0.25).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from ray_helpers import (
+    DEFAULT_CONFIG,
+    ENV,
+    PYTHON,
+    REPO,
+    TINY,
+    call_with_timeout,
+    copy_without_specialists,
+    free_port,
+    parquet_source,
+    stop_cluster,
+    tiny_config,
+    tiny_run,
+)
+
+from jobs.pipeline import build_parser, help_config, overrides_from
+from jobs.tracking import flatten, numeric
+from supersub.config import load_config
+from supersub.data import load_manifest
+from supersub.pipeline import PipelineConfig
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def tiny(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return tiny_run(tmp_path_factory.mktemp("jobs"))
+
+
+# ------------------------------------------------------------------------------ fast
+def test_cli_parses_overrides_and_help_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--config", "c.yaml", "--out", "o", "delta.bits=8", "seed=3"])
+    assert args.overrides == ["delta.bits=8", "seed=3"]
+    assert "resources.runner" in help_config() and "tracking.enabled" in help_config()
+    best = tmp_path / "best.yaml"
+    best.write_text("overrides:\n  delta.keep: 0.02\n  specialist.optim.lr: 0.01\ntrial: x\n")
+    cfg = load_config(PipelineConfig, DEFAULT_CONFIG, overrides_from(best) + ["delta.bits=8"])
+    assert (cfg.delta.keep, cfg.delta.bits, cfg.specialist.optim.lr) == (0.02, 8, 0.01)
+
+
+def test_metric_flattening() -> None:
+    flat = flatten({"models": {"vanilla": {"top1": 1.0}}, "specialists": [{"val_acc": 2}], "name": "x"})
+    assert flat == {"models.vanilla.top1": 1.0, "specialists.0.val_acc": 2, "name": "x"}
+    assert numeric({**flat, "sizes": [3, 4], "nan": float("nan"), "ok": True}) == {
+        "models.vanilla.top1": 1.0, "specialists.0.val_acc": 2.0, "sizes.0": 3.0, "sizes.1": 4.0}
+
+
+def test_default_tracking_uri(tmp_path: Path, monkeypatch) -> None:
+    import jobs.tracking as tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "DEFAULT_HOME", tmp_path / "home")
+    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path}/home/mlflow.db"  # sqlite:////abs/...
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{Path.cwd() / 'rel.db'}"
+
+
+def test_ray_data_loader_matches_core_targets() -> None:
+    """The worker-side Ray Data loader over a stand-in shard: the epoch's rows and targets are
+    exactly supersub.loaders.select's, training epochs have len() full batches."""
+    import numpy as np
+    import torch
+
+    from jobs.ray_data import RayDataLoader, needed_rows
+    from supersub.loaders import LoaderSpec, select
+
+    fine = np.repeat(np.arange(6), 10)  # 6 classes, 10 images each; superclass = class // 3
+    coarse = fine // 3
+    spec = LoaderSpec("train", "specialist", True, 4, superclass=1, negatives=0.5, seed=0)
+    rows = needed_rows(fine, coarse, spec, 3, epochs=3)
+
+    class Shard:  # what get_dataset_shard returns, as far as the loader uses it
+        def iter_torch_batches(self, batch_size, **_):
+            order = np.random.default_rng(0).permutation(rows)
+            for i in range(0, order.size, batch_size):
+                r = torch.from_numpy(order[i:i + batch_size])
+                yield {"row": r, "image": r.view(-1, 1, 1, 1).expand(-1, 8, 8, 3).to(torch.uint8)}
+
+    loader = RayDataLoader(Shard(), spec, fine, coarse, 3, torch.device("cpu"))
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        want_rows, want_targets = select(fine, coarse, spec, 3, epoch)
+        expected = dict(zip(want_rows.tolist(), want_targets.tolist()))
+        batches = list(loader)
+        assert len(batches) == len(loader) == want_rows.size // 4
+        for x, y in batches:
+            assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32
+            row = torch.round(x[:, 0, 0, 0] * 0.229 * 255 + 0.485 * 255).long()  # undo the normalisation
+            assert [expected[r] for r in row.tolist()] == y.tolist()
+
+
+@pytest.mark.slow
+def test_local_runner_without_ray_or_mlflow(tmp_path: Path) -> None:
+    """The GPU-box mode: `import ray` / `import mlflow` fail, and the pipeline still runs."""
+    code = ("import sys; sys.modules['ray'] = None; sys.modules['mlflow'] = None\n"
+            "from jobs.pipeline import main; sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "local"
+    proc = subprocess.run(
+        [PYTHON, "-c", code, "--config", str(DEFAULT_CONFIG), "--out", str(out), *TINY,
+         "specialist.optim.epochs=1", "train.epochs=1", "resources.runner=local", "tracking.enabled=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (out / "metrics.json").is_file() and (out / "bundle" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------ Ray
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_pipeline_end_to_end(tiny: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out = tiny["out"]
+    for name in ("bundle/manifest.json", "metrics.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert load_config(PipelineConfig, out / "config.yaml").resources.runner == "ray"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"vanilla", "two_stage_hard", "two_stage_soft"} <= set(metrics["models"])
+    log = "\n".join(tiny["log"])
+    assert "[specialists" in log and "done 2/2" in log  # the progress display
+
+    client = MlflowClient(tiny["uri"])
+    exp = client.get_experiment_by_name("supersub")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline:default")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["delta.keep"] == "0.05"
+    assert "models.two_stage_soft.top1" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "metrics.json", "hierarchy.json", "bundle"} <= artifacts
+    nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(nested) == {"vanilla", "specialist_0", "specialist_1"}
+    for name in ("specialist_0", "specialist_1"):  # complete per-epoch curves, logged concurrently
+        run_id = nested[name].info.run_id
+        for key in ("train_loss", "val_acc", "images_per_s"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], (name, key)
+        assert "delta_bytes" in nested[name].data.metrics and "final_val_acc" in nested[name].data.metrics
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(tiny: dict) -> None:
+    from jobs.pipeline import run
+
+    lines: list[str] = []
+    cfg = tiny_config(tiny["out"], tiny["uri"])
+    call_with_timeout(run, 180, cfg, tiny["out"], log=lines.append)
+    log = "\n".join(lines)
+    for name in ("vanilla", "specialist_0", "specialist_1"):
+        assert f"{name}: done earlier, skipped" in log
+    assert "[networks" not in log and "[specialists" not in log  # no Train run started
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path, monkeypatch) -> None:
+    """Failure injection (SUPERSUB_FAIL_ONCE, jobs/runner.py): the rank-0 worker process exits
+    after epoch 1's checkpoint is committed; Train's FailureConfig restarts the worker group,
+    which must resume at epoch 2. Also runs DDP over 2 workers, and the Ray Data input path
+    reading a Parquet image source (PNG bytes in row groups)."""
+    from jobs.runner import RayRunner
+    from supersub.pipeline import _data_options, network_tasks, prepare_data
+
+    monkeypatch.setenv("SUPERSUB_FAIL_ONCE", "vanilla:1")
+    source, hierarchy = parquet_source(tmp_path / "source")
+    cfg = tiny_config(tmp_path, None, "resources.num_workers=2", "resources.cpus_per_worker=0.5", "data.loader=ray_data",
+                      f"data.source={source}", f"data.hierarchy={hierarchy}")
+    manifest_dir = prepare_data(cfg, tmp_path, log=lambda s: None)
+    assert load_manifest(manifest_dir).meta["source"]["kind"] == "parquet"
+    task = network_tasks(cfg, _data_options(cfg, manifest_dir), tmp_path / "stages", False)[0]
+    lines: list[str] = []
+    runner = RayRunner(cfg.resources, tmp_path, data_loader=cfg.data.loader, log=lines.append)
+    result = call_with_timeout(runner.run_networks, 420, [task])[0]
+    assert list(tmp_path.joinpath("ray").glob(".vanilla-*.failed_once")), "the failure was not injected"
+    assert result["ray"]["starts"] == [1, 2], result["ray"]  # first group from epoch 1, restarted one from 2
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert sum("vanilla epoch 1/2" in line for line in lines) == 1  # epoch 1 was not trained again
+    assert (tmp_path / "stages" / "vanilla" / "model.safetensors").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_node_cluster_spreads_specialists(tiny: dict, tmp_path: Path) -> None:
+    """A simulated two-node cluster (ray.cluster_utils.Cluster, 1 CPU a node) in its own process:
+    two 1-CPU specialists run at once, one per node; inputs travel through the object store,
+    checkpoints go to a file:// storage URI, and outputs come back as the runs' final checkpoints."""
+    out = copy_without_specialists(tiny["out"], tmp_path / "two")
+    temp_dir = tempfile.mkdtemp(prefix="ss2n-", dir="/tmp")
+    env = {**os.environ, **ENV, "RAY_TMPDIR": temp_dir}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([PYTHON, str(REPO / "tests" / "ray_helpers.py"), "two-node", str(out)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    finally:
+        call_with_timeout(stop_cluster, 60, temp_dir)  # anything the subprocess left behind
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    placed = result["specialist_nodes"]
+    assert set(placed) == {"specialist_0", "specialist_1"}
+    assert all(len(nodes) == 1 for nodes in placed.values())
+    assert {nodes[0] for nodes in placed.values()} == set(result["nodes"])  # both nodes used
+    assert (out / "metrics.json").is_file() and (out / "specialists" / "001" / "delta.safetensors").is_file()
+    assert not any("warning" in line for line in result["log"])  # storage was a URI: no local-path warning
+    assert list((out / "ray-storage").glob("specialist_0-*/checkpoint_*"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_to_a_started_cluster(tiny: dict, tmp_path: Path) -> None:
+    """`ray start --head` on private ports and temp dir, `ray job submit` of the pipeline, then the
+    cluster's processes stopped by pid (`ray stop` would stop every Ray on this host)."""
+    out = copy_without_specialists(tiny["out"], tmp_path / "job")
+    temp_dir = tempfile.mkdtemp(prefix="ssjob-", dir="/tmp")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **ENV, "RAY_TMPDIR": temp_dir, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    try:
+        subprocess.run(
+            # Every port of its own: the session's Ray (and anyone else's) holds the defaults, and a
+            # job agent that cannot bind 52365 leaves the job server answering "No available agent".
+            [str(bin_dir / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+             "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             *(f"--{name}-port={free_port()}" for name in
+               ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "ray-client-server"))],
+            env=env, check=True, capture_output=True, timeout=120,
+        )
+        cmd = [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".",
+               "--runtime-env-json", json.dumps({"env_vars": ENV}), "--",
+               "python", "-m", "jobs.pipeline", "--config", "jobs/configs/default.yaml", "--out", str(out), *TINY,
+               "tracking.enabled=false"]
+        deadline = time.monotonic() + 480
+        while True:  # the job agent comes up some seconds after `ray start` returns
+            submit = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                                    timeout=max(30, deadline - time.monotonic()))
+            if "No available agent" not in submit.stderr or time.monotonic() > deadline - 60:
+                break
+            time.sleep(3)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
+        assert "ray: 1 node(s), 2 CPU" in submit.stdout  # joined the started cluster
+        assert "succeeded" in submit.stdout + submit.stderr
+        assert (out / "metrics.json").is_file() and (out / "bundle" / "manifest.json").is_file()
+    finally:
+        call_with_timeout(stop_cluster, 60, temp_dir)
