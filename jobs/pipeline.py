@@ -112,6 +112,9 @@ def run(cfg: PipelineConfig, out: Path, log=print) -> dict[str, Any]:
     """The job: runner and tracker around :func:`run_pipeline`."""
     if cfg.data.loader == "ray_data" and cfg.resources.runner != "ray":
         raise ConfigError("data.loader=ray_data needs resources.runner=ray")
+    # Absolute: Ray Train workers run in their own working directory, where a relative path
+    # would name nothing.
+    out = Path(out).absolute()
     started = init_ray(log) if cfg.resources.runner == "ray" else False
     try:
         runner = make_runner(cfg, out, log)

@@ -115,7 +115,9 @@ def tiny_run(root: Path) -> dict[str, Any]:
         uri = "sqlite:///" + str(root / "mlflow.db")
         lines: list[str] = []
         t0 = time.perf_counter()
-        metrics = call_with_timeout(run, 480, tiny_config(out, uri), out, log=lines.append)
+        # A relative --out, as a user types it: Ray Train workers run in another directory.
+        relative = Path(os.path.relpath(out))
+        metrics = call_with_timeout(run, 480, tiny_config(out, uri), relative, log=lines.append)
         _CACHE["tiny"] = {"out": out, "metrics": metrics, "log": lines, "uri": uri,
                           "seconds": time.perf_counter() - t0}
     return _CACHE["tiny"]

@@ -54,9 +54,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(ray_session, bundles: dict[str, Path]) -> Iterator[str]:
-    """Base URL of a Serve instance running both apps, on the session's Ray."""
+    """Base URL of a Serve instance running both apps, on the session's Ray. Module-scoped: the
+    replicas hold 1.2 of the session's 2 CPUs, which the Tune tests after this module need."""
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"bundle": str(bundles["vanilla"]), **TWO_ARGS}), name="two", route_prefix="/two")
