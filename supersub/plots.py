@@ -70,7 +70,9 @@ def grouped_bars(
     for i, (name, values) in enumerate(series.items()):
         ys = [np.nan if v is None else v for v in values]
         ax.bar(x + (i - (n - 1) / 2) * width, ys, width, label=LABELS.get(name, name))
-    ax.set_xticks(x, [short(g) for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    labels = [short(g) for g in groups]
+    slanted = len(groups) > 4 or max(map(len, labels), default=0) > 10  # long labels would overlap
+    ax.set_xticks(x, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
