@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_pipeline(cfg, out / name, LocalRunner(cfg.device), shared_dir=out / "shared")
         metrics["variant_seconds"] = time.perf_counter() - t0
         results[name] = metrics
-        summary.write_text(json.dumps({"study": str(args.study), "results": results}, indent=2))
+        # Re-read before writing: another study process on the same folder (other variants run
+        # concurrently) may have added its results since this one started.
+        merged = json.loads(summary.read_text())["results"] if summary.is_file() else {}
+        merged[name] = metrics
+        summary.write_text(json.dumps({"study": str(args.study), "results": merged}, indent=2))
     print(format_rows(summary_rows(results)), flush=True)
     return 0
 

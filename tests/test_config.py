@@ -118,3 +118,32 @@ def test_partial_section_keeps_that_sections_own_defaults():
     assert cfg.specialist.optim.lr == default.specialist.optim.lr != 0.1  # not OptimConfig's class default
     assert cfg.specialist.optim.weight_decay == 0.0
     assert cfg.model.backbone == default.model.backbone == "resnet10"
+
+
+def test_study_keeps_results_written_by_a_concurrent_study(tmp_path, monkeypatch):
+    """Two study processes on one folder (different variants) both end up in study.json."""
+    import json
+
+    import jobs.study as study
+
+    def fake_run(cfg, out, runner, shared_dir):
+        if cfg.name == "b":  # the other process finished variant "c" while this one ran "b"
+            summary = out.parent / "study.json"
+            summary.write_text(json.dumps({"study": "x", "results": {**json.loads(summary.read_text())["results"],
+                                                                     "c": metrics("c")}}))
+        return metrics(cfg.name)
+
+    def metrics(name):
+        top = {"top1": 1.0, "crossing_error_share": 0.0}
+        return {"name": name, "models": {"vanilla": top, "two_stage_hard": top, "two_stage_soft": top,
+                                         "two_stage_oracle": top, "stage1": {"superclass_acc": 1.0}},
+                "bytes": {"mean_specialist_ratio": 0.03, "total_in_networks": 1.1},
+                "routing": {"soft": {"k": 2, "resident_weight": 0.0}}}
+
+    base = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2]\n  b: [delta.bits=8]\n  c: [delta.bits=3]\n")
+    monkeypatch.setattr(study, "run_pipeline", fake_run)
+    assert study.main(["--study", str(spec), "--out", str(tmp_path / "out"), "--variants", "a,b"]) == 0
+    results = json.loads((tmp_path / "out" / "study.json").read_text())["results"]
+    assert set(results) == {"a", "b", "c"}
