@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from supersub.config import ConfigError, describe, load_config, to_dict
+from supersub.config import ConfigError, describe, dotted_keys, load_config, to_dict
 from supersub.pipeline import PipelineConfig, run_pipeline
 
 
@@ -53,17 +53,8 @@ def overrides_from(path: str | Path) -> list[str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping")
     data = data.get("overrides", data)
-
-    def flat(d: dict[str, Any], prefix: str = "") -> list[str]:
-        out = []
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out += flat(v, f"{prefix}{k}.")
-            else:
-                out.append(f"{prefix}{k}={json.dumps(v)}")  # JSON is YAML: load_config parses it back
-        return out
-
-    return flat(data)
+    # JSON is YAML: load_config parses the values back.
+    return [f"{k}={json.dumps(v)}" for k, v in dotted_keys(data).items()]
 
 
 def init_ray(log=print, dashboard: bool = False) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from supersub.config import ConfigError, load_config, parse_overrides
+from supersub.config import ConfigError, dotted_keys, load_config, parse_overrides
 from supersub.pipeline import LocalRunner, PipelineConfig, run_pipeline
 
 # Sections a variant may change without touching the shared data and base networks.
@@ -42,22 +42,12 @@ def load_study(path: str | Path) -> tuple[Path, dict[str, list[str]]]:
     variants = {}
     for name, overrides in data["variants"].items():
         overrides = list(overrides or [])
-        for key, value in _flatten(parse_overrides(overrides)).items():
+        for key, value in dotted_keys(parse_overrides(overrides)).items():
             if key.split(".")[0] not in VARIANT_SECTIONS and key not in VARIANT_KEYS:
                 raise ConfigError(f"{path}: variant {name} changes {key}, which the variants share")
             del value
         variants[str(name)] = overrides
     return (path.parent / data["config"]).resolve(), variants
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -173,6 +173,17 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return data
 
 
+def dotted_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 3}, "c": [1]}`` → ``{"a.b": 3, "c": [1]}``: the inverse of :func:`parse_overrides`."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(dotted_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of two mappings; ``update`` wins."""
     out = dict(base)
