@@ -49,12 +49,12 @@ def main() -> None:
 
     import ray
     import torch
+    from supersub.stages import StageContext, train_network
 
     from jobs.runner import RayRunner
     from supersub.config import load_config
     from supersub.data import load_manifest
     from supersub.pipeline import PipelineConfig, _data_options, network_tasks, prepare_data, specialist_tasks
-    from supersub.stages import StageContext, train_network
     from supersub.train import pick_device
 
     torch.set_num_threads(args.train_cpus)

@@ -1,11 +1,16 @@
 """The pipeline job: ``python -m jobs.pipeline --config FILE --out DIR [key=value ...]``.
 
-Runs :func:`supersub.pipeline.run_pipeline` with a :class:`jobs.runner.RayRunner` (Ray Train
-runs; ``ray job submit -- python -m jobs.pipeline ...`` works the same) or, with
-``resources.runner=local``, the core's in-process ``LocalRunner``; tracked by
-:class:`jobs.tracking.MlflowTracker` unless ``tracking.enabled=false``. Ray and MLflow are
-imported only when used, so ``resources.runner=local tracking.enabled=false`` runs where
-neither is installed.
+Runs :func:`supersub.pipeline.run_pipeline` with a :class:`jobs.runner.RayRunner` (each task a
+Ray Train run; ``ray job submit -- python -m jobs.pipeline ...`` works the same) or, with
+``resources.runner=local``, the core's in-process ``LocalRunner``; tracked in MLflow
+(:class:`jobs.tracking.MlflowTracker`) unless ``tracking.enabled=false``. Ray and MLflow are
+imported only when used, so ``resources.runner=local tracking.enabled=false`` runs where neither
+is installed.
+
+Everything a user can get wrong — config keys and values, the data source, the hierarchy, an
+``--out`` that is a file — is checked before Ray starts or an MLflow run opens, and reported as
+one line with exit code 2. A task that fails after its retries ends the job with exit code 1
+and one line naming it (the other tasks are saved; a rerun retries only the failed ones).
 
 Ray: ``RAY_ADDRESS`` or a cluster started with ``ray start`` on this machine is joined;
 otherwise an embedded local Ray starts and stops with the job.
@@ -21,18 +26,23 @@ from typing import Any
 
 import yaml
 
-from supersub.config import ConfigError, describe, dotted_keys, load_config, to_dict
-from supersub.pipeline import PipelineConfig, run_pipeline
+from jobs.cli import fail
+from supersub.config import ConfigError, describe, dotted_keys, load_config
+from supersub.errors import UserError
+from supersub.pipeline import check_inputs, run_pipeline
+from supersub.pipeline_config import PipelineConfig, absolute_paths
+from supersub.runner import NullTracker, TaskFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.pipeline",
-        description="Super-Sub pipeline: data → vanilla [+ generalist] → N specialists → evaluation → bundle.",
+        description="Super-Sub pipeline: data → vanilla [+ generalist] → N specialists [+ controls] → evaluation → bundle.",
         epilog="Example: python -m jobs.pipeline --config jobs/configs/default.yaml --out runs/a train.epochs=2",
     )
     p.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    p.add_argument("--out", help="output folder; rerunning with the same folder resumes / skips finished stages")
+    p.add_argument("--out", help="output folder; rerunning with the same folder reuses the finished tasks whose "
+                   "inputs and settings are unchanged")
     p.add_argument("--overrides-from", metavar="YAML", help="overrides from a file, e.g. DIR/tune/best.yaml; "
                    "command-line key=value pairs still win")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
@@ -49,7 +59,10 @@ def help_config(cls: type = PipelineConfig) -> str:
 def overrides_from(path: str | Path) -> list[str]:
     """``key=value`` strings from a YAML file: either ``overrides: {dotted.key: value}`` (what
     ``jobs.tune`` writes to best.yaml) or a nested mapping of config sections."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--overrides-from: file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping")
     data = data.get("overrides", data)
@@ -57,7 +70,14 @@ def overrides_from(path: str | Path) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in dotted_keys(data).items()]
 
 
-def init_ray(log=print, dashboard: bool = False) -> bool:
+def load(args: argparse.Namespace) -> PipelineConfig:
+    """The config from the command line, every path in it made absolute (Ray workers run in
+    another working directory, where a relative path names nothing)."""
+    overrides = (overrides_from(args.overrides_from) if args.overrides_from else []) + args.overrides
+    return absolute_paths(load_config(PipelineConfig, args.config, overrides))
+
+
+def init_ray(log=print, dashboard: bool = True) -> bool:
     """Joins ``RAY_ADDRESS`` / a ``ray start`` cluster, else starts a local Ray. Returns whether
     this process started (and so must stop) Ray."""
     import ray
@@ -65,58 +85,46 @@ def init_ray(log=print, dashboard: bool = False) -> bool:
     if ray.is_initialized():
         return False
     # ray.init() itself joins RAY_ADDRESS or the cluster recorded by `ray start`, else starts one.
-    # No dashboard for an embedded Ray: it costs seconds and memory; the job prints progress.
-    ray.init(include_dashboard=dashboard, log_to_driver=False)
+    # Workers' lines (each task's per-epoch progress) reach this console through Ray's own log
+    # forwarding. With the dashboard: without its State API, Ray 2.60's Train runs print a
+    # "State API may be temporarily unavailable" line every few seconds (and Tune needs it).
+    ray.init(include_dashboard=dashboard, log_to_driver=True)
     res = ray.cluster_resources()
     log(f"ray: {len([n for n in ray.nodes() if n['Alive']])} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
     return True
 
 
 def make_tracker(cfg: PipelineConfig, out: Path, job: str = "pipeline"):
-    from supersub.pipeline import NullTracker
-
     if not cfg.tracking.enabled:
         return NullTracker()
     from jobs.tracking import MlflowTracker
 
-    return MlflowTracker(
-        f"{job}:{cfg.name}",
-        to_dict(cfg),
-        tracking_uri=cfg.tracking.tracking_uri,
-        experiment=cfg.tracking.experiment,
-        tags={"supersub.job": job, "supersub.out_dir": str(out.resolve())},
-        log_bundle=cfg.tracking.log_bundle,
-    )
+    return MlflowTracker(f"{job}:{cfg.name}", cfg, out, job=job)
 
 
-def make_runner(cfg: PipelineConfig, out: Path, log=print):
+def make_runner(cfg: PipelineConfig, out: Path, tracker, log=print):
     if cfg.resources.runner == "local":
-        from supersub.pipeline import LocalRunner
+        from supersub.runner import LocalRunner
 
-        return LocalRunner(cfg.device, retries=1, log=log)
+        return LocalRunner(cfg.device, retries=1, log=log, tracker=tracker)
     from jobs.runner import RayRunner
 
-    return RayRunner(cfg.resources, out, data_loader=cfg.data.loader, log=log)
+    return RayRunner(cfg.resources, out, data_loader=cfg.data.loader, log=log, tracker=tracker)
 
 
 def run(cfg: PipelineConfig, out: Path, log=print) -> dict[str, Any]:
     """The job: runner and tracker around :func:`run_pipeline`."""
-    if cfg.data.loader == "ray_data" and cfg.resources.runner != "ray":
-        raise ConfigError("data.loader=ray_data needs resources.runner=ray")
-    # Absolute: Ray Train workers run in their own working directory, where a relative path
-    # would name nothing.
     out = Path(out).absolute()
+    check_inputs(cfg, out)
     started = init_ray(log) if cfg.resources.runner == "ray" else False
     try:
-        runner = make_runner(cfg, out, log)
         tracker = make_tracker(cfg, out)
+        runner = make_runner(cfg, out, tracker, log)
         if not hasattr(tracker, "__enter__"):
             return run_pipeline(cfg, out, runner, tracker, log)
         with tracker:
-            log(f"mlflow: run {tracker.run_id} in {tracker.tracking_uri}")
-            metrics = run_pipeline(cfg, out, runner, tracker, log)
-            tracker.artifact(out / "plots")  # confusion plots, when the core writes them
-            return metrics
+            log(f"mlflow: run {tracker.run_id} in {tracker.tracking_uri} (experiment {cfg.tracking.experiment!r})")
+            return run_pipeline(cfg, out, runner, tracker, log)
     finally:
         if started:
             import ray
@@ -130,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print(help_config())
         return 0
     if not args.out:
-        print("error: --out is required", file=sys.stderr)
-        return 2
+        return fail(ConfigError("--out is required"), "jobs.pipeline")
     try:
-        overrides = (overrides_from(args.overrides_from) if args.overrides_from else []) + args.overrides
-        cfg = load_config(PipelineConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    run(cfg, Path(args.out), log=lambda s: print(s, flush=True))
+        cfg = load(args)
+        run(cfg, Path(args.out), log=lambda s: print(s, flush=True))
+    except TaskFailed as e:
+        print(str(e), file=sys.stderr)
+        print(f"jobs.pipeline: error: {e.first_line}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        return fail(e, "jobs.pipeline")
     return 0
 
 

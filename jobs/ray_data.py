@@ -9,7 +9,7 @@ in parallel Ray tasks, streamed to each Train worker through ``get_dataset_shard
   among its workers. Blocks keep manifest order (a Parquet source is read row group by row
   group); training order comes from block-order randomisation and a local shuffle buffer.
 * Worker (:class:`RayDataLoader`): yields ``(x float [B, 3, S, S] normalised, y [B])`` on the
-  worker's device like :mod:`supersub.loaders`, with targets from :func:`supersub.loaders.select`
+  worker's device like :mod:`supersub.data.loaders`, with targets from :func:`supersub.data.loaders.select`
   (fine, coarse, or a specialist's local labels plus "other"-labelled negatives resampled every
   epoch). A specialist's dataset holds its superclass's images plus every negative that any of
   its epochs draws; each epoch keeps that epoch's draw.
@@ -27,17 +27,10 @@ import numpy as np
 import torch
 
 from supersub.data import IMAGENET_MEAN, IMAGENET_STD, load_manifest
-from supersub.loaders import LoaderSpec, select
-from supersub.stages import loader_specs
+from supersub.data.loaders import LoaderSpec, select
 
 DECODE_CPUS = 0.25  # per decode task: fractional, so decoding fits beside training workers on small machines
 BLOCK_ROWS = 256  # rows per input block: the unit of parallel decoding
-
-
-def stage_specs(kind: str, task) -> dict[str, LoaderSpec]:
-    """The loaders the core stage functions ask for, by split (``kind`` is kept for callers)."""
-    del kind
-    return loader_specs(task)
 
 
 def _labels(manifest, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,7 +67,7 @@ def decode_batch(batch: dict[str, np.ndarray], meta: dict[str, Any], size: int, 
     return {"row": batch["row"], "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)}
 
 
-def build_datasets(kind: str, task) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def build_datasets(task) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The stage's datasets (``{"train", "val"}``) and their specs (for the worker's check)."""
     import pyarrow as pa
     import ray.data
@@ -82,7 +75,7 @@ def build_datasets(kind: str, task) -> tuple[dict[str, Any], dict[str, dict[str,
     ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = load_manifest(task.data.manifest_dir)
     datasets, specs = {}, {}
-    for name, spec in stage_specs(kind, task).items():
+    for name, spec in task.loader_specs().items():
         split_rows, fine, coarse = _labels(manifest, spec.split)
         rows = needed_rows(fine, coarse, spec, _n_sub(manifest, spec), task.optim.epochs)
         table = pa.table({"row": rows.astype(np.int64), "uri": [manifest.uris[i] for i in split_rows[rows]]})
@@ -102,7 +95,7 @@ def build_datasets(kind: str, task) -> tuple[dict[str, Any], dict[str, dict[str,
 
 
 class RayDataLoader:
-    """A worker's loader over its dataset shard, with the interface of :mod:`supersub.loaders`."""
+    """A worker's loader over its dataset shard, with the interface of :mod:`supersub.data.loaders`."""
 
     def __init__(self, shard, spec: LoaderSpec, fine: np.ndarray, coarse: np.ndarray, n_sub: int,
                  device: torch.device, world_size: int = 1) -> None:
@@ -171,8 +164,7 @@ def worker_loader_factory(specs: dict[str, dict[str, Any]], task, device: torch.
     def make(spec: LoaderSpec) -> RayDataLoader:
         expected = LoaderSpec(**specs.get(spec.split, {"split": "?", "target": "?", "train": False, "batch_size": 0}))
         if spec != expected:
-            raise RuntimeError(f"the stage asked for {spec}, but jobs.ray_data.stage_specs built {expected}: "
-                               "update stage_specs to match supersub/stages.py")
+            raise RuntimeError(f"the task asked for {spec}, but its loader_specs() said {expected}")
         _, fine, coarse = _labels(manifest, spec.split)
         shard = ray.train.get_dataset_shard(spec.split)
         return RayDataLoader(shard, spec, fine, coarse, _n_sub(manifest, spec), device, world)

@@ -1,15 +1,18 @@
-"""A study: several pipeline variants over the same data and base networks, one summary table.
+"""A study: pipeline variants × seeds over shared data and tasks, one table of accuracy beside cost.
 
-    python -m jobs.study --study jobs/configs/study_tiny_imagenet.yaml --out runs/study [key=value ...]
+    python -m jobs.study --study jobs/configs/study_default.yaml --out runs/study [--seeds 0,1,2] [key=value ...]
 
 The study file names a base pipeline config and the variants, each a list of ``key=value``
-overrides of generalist / specialist / delta / routing / baselines / hierarchy settings (anything
-else would change the shared data and networks and is refused). ``key=value`` on the command line applies to every
-variant. Variants run in the file's order; ``--variants a,b`` picks some, ``--time-budget-s``
-stops starting new ones when the time is spent (what is done stays in ``study.json``).
+overrides (or ``{overrides: [...], seeds: [...]}``); ``key=value`` on the command line applies to
+every variant, ``--seeds`` to every variant without its own. Every run writes
+``OUT/<variant>/seed<k>/`` (metrics.json, predictions.parquet, bundle/); every task lives in
+``OUT/shared/tasks/`` under its fingerprint, so runs share exactly the tasks whose inputs and
+settings agree (the vanilla network of one seed is trained once for every variant, and is also
+the second member of the previous seed's ensemble). ``--time-budget-s`` starts no new run after
+that long; what finished stays in ``OUT/study.json`` and ``OUT/study.md``, and a rerun continues.
 
-It runs in this process (``resources.runner=local``), with neither Ray nor MLflow needed: it is
-how the findings in ``docs/results.md`` were produced on a GPU machine without Ray.
+It runs in this process (``resources.runner=local``), with neither Ray nor MLflow needed: on a
+GPU machine without Ray as on a laptop.
 """
 
 from __future__ import annotations
@@ -23,112 +26,104 @@ from typing import Any
 
 import yaml
 
-from supersub.config import ConfigError, dotted_keys, load_config, parse_overrides
-from supersub.pipeline import LocalRunner, PipelineConfig, run_pipeline
+from jobs.cli import fail
+from supersub.config import ConfigError, load_config
+from supersub.errors import UserError
+from supersub.pipeline import check_inputs, run_pipeline
+from supersub.pipeline_config import PipelineConfig, absolute_paths
+from supersub.runner import LocalRunner
+from supersub.study import summarise, write_summary
 
-# Sections a variant may change without touching the shared data and base networks.
-VARIANT_SECTIONS = {"generalist", "specialist", "delta", "routing", "baselines", "name"}
-VARIANT_KEYS = {"data.hierarchy"}
 
-
-def load_study(path: str | Path) -> tuple[Path, dict[str, list[str]]]:
+def load_study(path: str | Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """``(base config path, {variant: {"overrides": [...], "seeds": [...] | None}})``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"config", "variants"}
+    unknown = set(data) - {"config", "variants", "seeds"}
     if unknown or "config" not in data or not isinstance(data.get("variants"), dict) or not data["variants"]:
-        raise ConfigError(f"{path}: a study file has 'config' (a pipeline config) and a non-empty 'variants' mapping")
+        raise ConfigError(f"{path}: a study file has 'config' (a pipeline config), a non-empty 'variants' mapping "
+                          "and optionally 'seeds'")
+    default_seeds = data.get("seeds")
     variants = {}
-    for name, overrides in data["variants"].items():
-        overrides = list(overrides or [])
-        for key, value in dotted_keys(parse_overrides(overrides)).items():
-            if key.split(".")[0] not in VARIANT_SECTIONS and key not in VARIANT_KEYS:
-                raise ConfigError(f"{path}: variant {name} changes {key}, which the variants share")
-            del value
-        variants[str(name)] = overrides
+    for name, spec in data["variants"].items():
+        if isinstance(spec, dict):
+            extra = set(spec) - {"overrides", "seeds"}
+            if extra:
+                raise ConfigError(f"{path}: variant {name}: unknown keys {sorted(extra)}")
+            overrides, seeds = list(spec.get("overrides") or []), spec.get("seeds", default_seeds)
+        else:
+            overrides, seeds = list(spec or []), default_seeds
+        variants[str(name)] = {"overrides": overrides, "seeds": seeds}
     return (path.parent / data["config"]).resolve(), variants
 
 
-def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, m in results.items():
-        models = m["models"]
-        van = models.get("vanilla", {})
-        row = {
-            "variant": name,
-            "vanilla": van.get("top1"),
-            "vanilla_scaled": models.get("vanilla_scaled", {}).get("top1"),
-            "hard": models["two_stage_hard"]["top1"],
-            "soft": models["two_stage_soft"]["top1"],
-            "oracle": models["two_stage_oracle"]["top1"],
-            "stage1_super": models["stage1"]["superclass_acc"],
-            "vanilla_cross%": van.get("crossing_error_share"),
-            "soft_cross%": models["two_stage_soft"]["crossing_error_share"],
-            "delta_ratio": m["bytes"]["mean_specialist_ratio"],
-            "total_networks": m["bytes"]["total_in_networks"],
-            "soft_k": m["routing"]["soft"]["k"],
-            "soft_alpha": m["routing"]["soft"]["resident_weight"],
-        }
-        rows.append(row)
-    return rows
-
-
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no variant finished)"
-    cols = list(rows[0])
-    def cell(v: Any) -> str:
-        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    widths = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
-    lines += ["  ".join(cell(r[c]).rjust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="study YAML (config + variants)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--variants", help="comma-separated subset of the variants, in the file's order")
-    p.add_argument("--time-budget-s", type=float, default=0.0, help="start no new variant after this many seconds")
+    p.add_argument("--seeds", help="comma-separated seeds for every variant without its own (default: 0)")
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="start no new run after this many seconds")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineConfig]], dict[str, Any]]:
+    """Every (variant, seed, config) to run, validated before any of them starts."""
     config_path, variants = load_study(args.study)
     if args.variants:
-        chosen = args.variants.split(",")
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
         missing = [v for v in chosen if v not in variants]
         if missing:
             raise ConfigError(f"unknown variant(s) {missing}; the study has {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in chosen}
-    out = Path(args.out)
+    cli_seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    runs = []
+    for name, v in variants.items():
+        for seed in v["seeds"] or cli_seeds or [0]:
+            cfg = load_config(PipelineConfig, config_path,
+                              [*args.overrides, *v["overrides"], f"name={name}", f"seed={seed}", "resources.runner=local"])
+            runs.append((name, int(seed), absolute_paths(cfg)))
+    return runs, {"study": str(Path(args.study).resolve()), "config": str(config_path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).absolute()
+    try:
+        runs, info = plan_runs(args)
+        for _, _, cfg in runs:
+            check_inputs(cfg, out)
+    except UserError as e:
+        return fail(e)
     out.mkdir(parents=True, exist_ok=True)
-    # Validate every variant before spending time on any.
-    configs = {
-        name: load_config(PipelineConfig, config_path, [*args.overrides, *ov, f"name={name}", "resources.runner=local"])
-        for name, ov in variants.items()
-    }
     start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
     summary = out / "study.json"
-    if summary.is_file():
-        results = {k: v for k, v in json.loads(summary.read_text())["results"].items() if k in configs}
-    for name, cfg in configs.items():
+    for name, seed, cfg in runs:
+        run_dir = out / name / f"seed{seed}"
         if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
-            print(f"time budget spent: {name} and later variants not started", flush=True)
+            print(f"time budget spent: {name} seed {seed} and later runs not started", flush=True)
             break
-        print(f"===== variant {name}", flush=True)
+        print(f"===== {name} seed {seed}", flush=True)
         t0 = time.perf_counter()
-        metrics = run_pipeline(cfg, out / name, LocalRunner(cfg.device), shared_dir=out / "shared")
-        metrics["variant_seconds"] = time.perf_counter() - t0
-        results[name] = metrics
-        # Re-read before writing: another study process on the same folder (other variants run
-        # concurrently) may have added its results since this one started.
+        metrics = run_pipeline(cfg, run_dir, LocalRunner(cfg.device), shared_dir=out / "shared",
+                               log=lambda s: print(s, flush=True))
+        metrics["run_seconds"] = time.perf_counter() - t0
+        # Re-read before writing: another study process on the same folder (other runs side by
+        # side) may have added its results since this one started.
         merged = json.loads(summary.read_text())["results"] if summary.is_file() else {}
-        merged[name] = metrics
-        summary.write_text(json.dumps({"study": str(args.study), "results": merged}, indent=2))
-    print(format_rows(summary_rows(results)), flush=True)
+        merged.setdefault(name, {})[str(seed)] = {"dir": str(run_dir), "metrics": metrics}
+        summary.write_text(json.dumps({**info, "results": merged}, indent=2))
+    if not summary.is_file():
+        print("(no run finished)")
+        return 0
+    results = json.loads(summary.read_text())["results"]
+    table = summarise(results, bootstrap=1000)
+    write_summary(table, out)
+    print((out / "study.md").read_text(), flush=True)
     return 0
 
 

@@ -1,17 +1,22 @@
-"""MLflow tracking: one parent run per job, one nested run per stage, specialist or trial.
+"""MLflow tracking: one parent run per job, one nested run per task attempt, logged live.
 
-Everything is logged from the driver, through one :class:`~mlflow.tracking.MlflowClient` and one
-lock: Ray workers never talk to MLflow. That is what makes several specialists finishing at once
-lose nothing (SQLite allows one writer; the fluent ``mlflow.start_run`` API keeps its active run
-per thread), and it keeps the tracking store reachable from the driver only.
-
-Per-epoch metrics come from a stage result's ``history`` (``step`` = epoch), final metrics are
-the result's numbers flattened to dotted keys (``models.two_stage_hard.top1``; ``final_val_acc``
-where a per-epoch metric has the same name).
+* **Live.** A task's nested run is created where the task runs (the Ray Train worker of rank 0,
+  or this process) when the task starts, gets each epoch's row as the epoch ends (``step`` =
+  epoch, the real time), and ends FINISHED with the task's final numbers — or FAILED with the
+  reason as the ``supersub.failure`` tag. An attempt whose worker died is marked FAILED by the
+  driver. So the UI shows a job while it runs, and run durations are the tasks' own.
+* **What a person reads first.** The parent run's metrics are the headline numbers under short
+  names (``top1_vanilla``, ``top1_served``, ``delta_served``, ``flops_ratio_served``,
+  ``bytes_in_networks``, …) and, grouped under ``models/<name>/``, every model's metrics; every
+  setting is a param (the resolved config) and every routing a tag, never a metric.
+* **Data.** The manifest is the run's dataset input (name, source, digest = the manifest
+  fingerprint, split counts), so runs on different data are told apart.
+* **Model.** The bundle is logged as an MLflow pyfunc model (:mod:`jobs.mlflow_model`) and, with
+  ``tracking.register_as``, registered (``models:/supersub/N``) with the headline metrics as
+  version tags. The report is one self-contained HTML file that MLflow's preview shows whole.
 
 Tracking URI: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite at
-``~/.supersub/mlflow.db`` (absolute: a relative ``sqlite:///mlflow.db`` would be relative to
-each process's working directory), with artifacts in ``~/.supersub/mlartifacts``.
+``~/.supersub/mlflow.db`` (:func:`supersub.remote.default_tracking_uri`), with artifacts beside it.
 """
 
 from __future__ import annotations
@@ -21,43 +26,24 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supersub.config import dotted_keys, to_dict
+from supersub.remote import default_tracking_uri
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-DEFAULT_HOME = Path("~/.supersub").expanduser()
 _KEY_BAD = re.compile(r"[^0-9A-Za-z_\-. /]")
 _BATCH = 100  # MLflow's limit of params (and our chunk of metrics) per log_batch call
-
-
-def default_tracking_uri(configured: str | None = None) -> str:
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        DEFAULT_HOME.mkdir(parents=True, exist_ok=True)
-        return "sqlite:///" + str(DEFAULT_HOME / "mlflow.db")
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [1, 2]}}`` → ``{"a.b.0": 1, "a.b.1": 2}``."""
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(data, (list, tuple)) and data and all(isinstance(v, (dict, list, tuple)) for v in data):
-        for i, v in enumerate(data):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = data
-    return out
+HEADLINE_MODELS = {"vanilla": "vanilla", "vanilla_long": "vanilla_long", "ensemble": "ensemble",
+                   "delta_all_pooled": "delta_all", "two_stage_hard": "hard", "two_stage_soft": "soft",
+                   "two_stage_oracle": "oracle"}
 
 
 def numeric(data: dict[str, Any]) -> dict[str, float]:
-    """The entries of a flat dict that are numbers (lists of numbers become ``key.i``)."""
+    """The entries of a flat dict that are numbers (lists of numbers become ``key.i``), keys cleaned."""
     out: dict[str, float] = {}
     for k, v in data.items():
         if isinstance(v, (list, tuple)):
@@ -67,114 +53,194 @@ def numeric(data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers a person reads first, under short names."""
+    models, out = metrics["models"], {}
+    for name, short in HEADLINE_MODELS.items():
+        if "top1" in models.get(name, {}):
+            out[f"top1_{short}"] = models[name]["top1"]
+    served = models.get(metrics["serves"]["model"], {})
+    out["top1_served"] = served.get("top1", math.nan)
+    if served.get("delta_vs_vanilla"):
+        out["delta_served"] = served["delta_vs_vanilla"]["delta"]
+    for k in ("flops_ratio", "latency_ratio", "bytes_in_networks", "specialist_passes_per_image"):
+        if served.get(k) is not None:
+            out[f"{k}_served"] = served[k]
+    out["superclass_acc_stage1"] = models["stage1"]["superclass_acc"]
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _log(client, run_id: str, *, params=None, metrics=None, steps=(), lock=None) -> None:
+    """Params, final metrics (step 0) and per-step rows of a run, batched, timestamped now."""
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    p = [Param(_KEY_BAD.sub("_", k), str(v)[:6000]) for k, v in (params or {}).items()]
+    m = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
+    m += [Metric(k, v, now, step) for step, row in steps for k, v in row.items()]
+    with lock or threading.Lock():
+        for i in range(0, max(len(p), len(m)), _BATCH):
+            client.log_batch(run_id, metrics=m[i : i + _BATCH], params=p[i : i + _BATCH], synchronous=True)
+
+
+@dataclass
+class MlflowTaskLogger:
+    """One attempt of one task as a nested run, created where the task runs. Picklable: it
+    carries the store's URI and ids, and opens its own client on first use."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    name: str
+    params: dict[str, Any]
+    tags: dict[str, str]
+    run_id: str | None = None
+    _per_epoch: set[str] = field(default_factory=set)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_c"}
+
+    @property
+    def client(self):
+        if "_c" not in self.__dict__:
+            self.__dict__["_c"] = _client(self.tracking_uri)
+        return self.__dict__["_c"]
+
+    def started(self) -> None:
+        run = self.client.create_run(self.experiment_id, start_time=int(time.time() * 1000), run_name=self.name,
+                                     tags={"mlflow.parentRunId": self.parent_run_id, **self.tags})
+        self.run_id = run.info.run_id
+        _log(self.client, self.run_id, params=self.params)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        values = numeric(row)
+        self._per_epoch.update(values)
+        _log(self.client, self.run_id, steps=[(int(row.get("epoch", 0)), values)])
+
+    def finished(self, result: dict[str, Any]) -> None:
+        final = numeric(dotted_keys({k: v for k, v in result.items() if k != "history"}))
+        # A final number named like a per-epoch one (val_acc of the exported delta, mean images/s)
+        # gets a prefix: under the same key it would read as one more point of the epoch curve.
+        final = {(f"final_{k}" if k in self._per_epoch else k): v for k, v in final.items()}
+        _log(self.client, self.run_id, metrics=final)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def failed(self, reason: str) -> None:
+        if self.run_id:
+            self.client.set_tag(self.run_id, "supersub.failure", reason[:5000])
+            self.client.set_terminated(self.run_id, "FAILED")
+
+
 class MlflowTracker:
-    """A parent run for one job; :meth:`stage` adds a finished nested run.
+    """A parent run for one job. Use as a context manager: the parent run ends FINISHED, or
+    FAILED (with the reason as a tag) when the job raises."""
 
-    Use as a context manager: the parent run ends FINISHED, or FAILED when the job raises.
-    """
-
-    def __init__(
-        self,
-        run_name: str,
-        params: dict[str, Any],
-        *,
-        tracking_uri: str | None = None,
-        experiment: str = "supersub",
-        tags: dict[str, str] | None = None,
-        log_bundle: bool = True,
-    ) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.tracking_uri = default_tracking_uri(tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
-        self.log_bundle = log_bundle
+    def __init__(self, run_name: str, cfg: Any, out: Path, *, job: str = "pipeline") -> None:
+        self.cfg = cfg
+        self.tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
+        self.client = _client(self.tracking_uri)
         self._lock = threading.Lock()
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             location = None
             if self.tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in ./mlruns
                 location = (Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+        tags = {"supersub.job": job, "supersub.out_dir": str(out), "supersub.seed": str(cfg.seed)}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        self._log(self.run_id, params=flatten(params))
+        _log(self.client, self.run_id, params=dotted_keys(to_dict(cfg), lists=True), lock=self._lock)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FAILED" if exc_type else "FINISHED")
-
-    def close(self, status: str = "FINISHED") -> None:
-        with self._lock:
-            self.client.set_terminated(self.run_id, status)
+        if exc_type is not None:
+            self.client.set_tag(self.run_id, "supersub.failure", f"{exc_type.__name__}: {exc}"[:5000])
+        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
 
     # ------------------------------------------------------------------ Tracker protocol
-    def stage(self, name: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        """A nested run for a finished stage: its task as params, its history per epoch, its
-        final numbers as metrics."""
-        run_id = self.nested(name, params)
-        history = result.get("history") or []
-        steps = [(int(row.get("epoch", i + 1)), numeric(row)) for i, row in enumerate(history)]
-        per_epoch = {k for _, row in steps for k in row}
-        final = numeric(flatten({k: v for k, v in result.items() if k != "history"}))
-        # A final number named like a per-epoch one (val_acc of the exported delta, mean images/s)
-        # gets a prefix: under the same key it would read as one more point of the epoch curve.
-        final = {(f"final_{k}" if k in per_epoch else k): v for k, v in final.items()}
-        self._log(run_id, metrics=final, steps=steps)
-        self.end(run_id)
+    def task_logger(self, task) -> MlflowTaskLogger:
+        params = dotted_keys({k: v for k, v in task.to_dict().items() if k not in ("out_dir",)}, lists=True)
+        tags = {"supersub.task": task.name, "supersub.kind": task.kind, "supersub.fingerprint": task.fingerprint(),
+                "supersub.task_dir": task.out_dir}
+        return MlflowTaskLogger(self.tracking_uri, self.experiment_id, self.run_id, task.name, params, tags)
+
+    def task_failed(self, task, reason: str) -> None:
+        """Marks the attempts of ``task`` still RUNNING under this job as FAILED (a dead worker)."""
+        query = (f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`supersub.fingerprint` = '{task.fingerprint()}' "
+                 "and attributes.status = 'RUNNING'")
+        for run in self.client.search_runs([self.experiment_id], filter_string=query):
+            self.client.set_tag(run.info.run_id, "supersub.failure", reason[:5000])
+            self.client.set_terminated(run.info.run_id, "FAILED")
 
     def summary(self, metrics: dict[str, Any], artifacts: list[Path]) -> None:
-        """Final metrics and artifacts of the parent run (the bundle only with ``log_bundle``)."""
-        self._log(self.run_id, metrics=numeric(flatten(metrics)))
+        """The parent run's headline metrics, per-model metrics, routings as tags, the dataset,
+        the artifacts and the bundle as a (registered) MLflow model."""
+        models = {f"models/{name}/{k}": v for name, m in metrics["models"].items()
+                  for k, v in numeric(dotted_keys({x: y for x, y in m.items() if x != "routing"})).items()}
+        _log(self.client, self.run_id, metrics={**headline(metrics), **models}, lock=self._lock)
+        for family, routing in metrics["routing"].items():
+            self.client.set_tag(self.run_id, f"routing.{family}", routing)
+        self.client.set_tag(self.run_id, "routing.served", f"{metrics['serves']['model']} ({metrics['serves']['routing']})")
+        self.client.set_tag(self.run_id, "hierarchy", f"{metrics['hierarchy']['name']}: "
+                            + ", ".join(f"{n} ({k})" for n, k in zip(metrics["hierarchy"]["superclasses"], metrics["hierarchy"]["sizes"])))
+        self.log_dataset(metrics)
+        bundle = None
         for path in artifacts:
-            if path.name == "bundle" and not self.log_bundle:
+            path = Path(path)
+            if not path.exists():
                 continue
-            self.artifact(path, run_id=self.run_id)
-
-    # ------------------------------------------------------------------ building blocks
-    def nested(self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> str:
-        with self._lock:
-            run = self.client.create_run(
-                self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **(tags or {})}
-            )
-        self._log(run.info.run_id, params=flatten(params or {}))
-        return run.info.run_id
-
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        with self._lock:
-            self.client.set_terminated(run_id, status)
-
-    def metrics(self, values: dict[str, Any], run_id: str | None = None, step: int = 0) -> None:
-        self._log(run_id or self.run_id, steps=[(step, numeric(flatten(values)))])
-
-    def artifact(self, path: Path, run_id: str | None = None, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if not path.exists():
-            return
-        with self._lock:
-            if path.is_dir():
-                self.client.log_artifacts(run_id or self.run_id, str(path), artifact_path or path.name)
+            if path.name == "bundle":
+                bundle = path
+            elif path.name == "report":  # one self-contained page: MLflow's preview shows it whole
+                self.client.log_artifact(self.run_id, str(path / "index.html"), "report")
+            elif path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), path.name)
             else:
-                self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
+                self.client.log_artifact(self.run_id, str(path))
+        if bundle is not None and self.cfg.tracking.log_bundle:
+            from jobs.mlflow_model import log_bundle_model
 
-    def _log(
-        self,
-        run_id: str,
-        *,
-        params: dict[str, Any] | None = None,
-        metrics: dict[str, float] | None = None,
-        steps: Iterable[tuple[int, dict[str, float]]] = (),
-    ) -> None:
-        from mlflow.entities import Metric, Param
+            version = log_bundle_model(self, bundle, headline(metrics))
+            if version:
+                print(f"mlflow: registered models:/{self.cfg.tracking.register_as}/{version}", flush=True)
 
-        now = int(time.time() * 1000)
-        p = [Param(_KEY_BAD.sub("_", k), str(v)[:6000]) for k, v in (params or {}).items()]
-        m = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
-        m += [Metric(k, v, now, step) for step, row in steps for k, v in row.items()]
-        with self._lock:
-            for i in range(0, max(len(p), len(m)), _BATCH):
-                self.client.log_batch(run_id, metrics=m[i : i + _BATCH], params=p[i : i + _BATCH], synchronous=True)
+    def log_dataset(self, metrics: dict[str, Any]) -> None:
+        """The manifest as the run's dataset input (MLflow's Dataset column)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        from supersub.data import load_manifest
+
+        manifest = load_manifest(metrics["manifest_dir"])
+        source = manifest.meta.get("source", {})
+        name = f"{Path(str(source.get('root') or source.get('kind', 'data'))).name} ({manifest.hierarchy.name})"
+        ds = MetaDataset(resolve_dataset_source(str(manifest.path)), name=name, digest=manifest.fingerprint[:16])
+        counts = manifest.counts()
+        tags = [InputTag("mlflow.data.context", "training"),
+                InputTag("splits", ", ".join(f"{k}={v}" for k, v in counts.items()))]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags)])
+
+    # ------------------------------------------------------------------ for jobs.tune
+    def nested_result(self, name: str, params: dict[str, Any], result: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """A nested run for something that finished elsewhere (a Tune trial): params, per-epoch
+        history, final numbers."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        history = result.get("history") or []
+        steps = [(int(row.get("epoch", i + 1)), numeric(row)) for i, row in enumerate(history)]
+        final = numeric(dotted_keys({k: v for k, v in result.items() if k != "history"}))
+        _log(self.client, run.info.run_id, params=dotted_keys(params, lists=True), metrics=final, steps=steps, lock=self._lock)
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id

@@ -3,70 +3,59 @@
 ::
 
     bundle/
-      manifest.json            format version, backbone, hierarchy, delta spec, routing, byte
-                               counts, sha256 and size of every file below
+      manifest.json            format version, backbone, hierarchy, delta spec, every routing the
+                               pipeline reported and the one it serves, byte counts, and the
+                               sha256 and size of every file below
+      manifest.json.hmac       optional: HMAC-SHA256 of manifest.json (SUPERSUB_BUNDLE_KEY)
       base.safetensors         the resident network (generalist or vanilla)
       deltas/<i>.safetensors   one packed delta per superclass i (zero-padded)
-      baselines/<name>.safetensors   optional: vanilla / scaled-up vanilla for comparison
+      baselines/<name>.safetensors   optional: the vanilla network when the resident is a generalist
 
-Everything is safetensors or JSON: loading a bundle never unpickles. :func:`load_bundle` checks
-every hash and refuses a changed, missing or unlisted file with a clear :class:`BundleError`.
+Everything is safetensors or JSON: loading a bundle never unpickles. :func:`load_bundle` refuses,
+with one :class:`BundleError` line naming the path: a path that is absolute or leads outside the
+bundle, a file the manifest does not list or lists but is missing, any byte that does not match
+its sha256, a file that is not what it claims. The hashes guard against corruption, not against
+someone who rewrites the manifest too; with a key (``SUPERSUB_BUNDLE_KEY`` or ``key=``) bundles are
+signed when written and refused when the signature is missing or does not match.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load
 
 from supersub.config import from_dict, to_dict
 from supersub.delta import DeltaConfig, PackedDelta
 from supersub.errors import BundleError
-from supersub.hierarchy import Hierarchy
-from supersub.models import ModelConfig, ResNet, build_model, state_bytes
+from supersub.hierarchy import Hierarchy, HierarchyError
+from supersub.models import ResNet, state_bytes
+from supersub.networks import NetworkSpec, save_weights, sha256_file
+from supersub.routing import Routing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KIND = "supersub.bundle"
+SIGNATURE_FILE = "manifest.json.hmac"
+KEY_ENV = "SUPERSUB_BUNDLE_KEY"
+
+__all__ = ["Bundle", "NetworkSpec", "load_bundle", "sha256_file", "write_bundle"]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _key(key: bytes | str | None) -> bytes | None:
+    key = key if key is not None else os.environ.get(KEY_ENV) or None
+    return key.encode() if isinstance(key, str) else key
 
 
-@dataclass
-class NetworkSpec:
-    """What is needed to rebuild a stored network: its config, output count and input size."""
-
-    model: ModelConfig
-    num_outputs: int
-    image_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model), "num_outputs": self.num_outputs, "image_size": self.image_size}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NetworkSpec:
-        return cls(from_dict(ModelConfig, d["model"]), int(d["num_outputs"]), int(d["image_size"]))
-
-    def build(self) -> ResNet:
-        return build_model(self.model, self.num_outputs, self.image_size)
-
-
-def _save_network(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+def _sign(data: bytes, key: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def write_bundle(
@@ -78,16 +67,26 @@ def write_bundle(
     hierarchy: Hierarchy,
     deltas: dict[int, PackedDelta],
     delta_cfg: DeltaConfig,
-    routing: dict[str, Any],
+    routings: dict[str, str],
+    serves: dict[str, str],
+    evaluation: dict[str, Any] | None = None,
     baselines: dict[str, tuple[torch.nn.Module, NetworkSpec]] | None = None,
     extra: dict[str, Any] | None = None,
+    key: bytes | str | None = None,
 ) -> dict[str, Any]:
-    """Writes a bundle atomically (into a temporary sibling, then renamed) and returns its manifest."""
+    """Writes a bundle atomically (into a temporary sibling, then renamed) and returns its manifest.
+
+    ``routings``: every reported routing, by family (``{"hard": "hard", "soft": "soft:3@0.7"}``);
+    ``serves``: ``{"model": name, "routing": compact form}``; ``evaluation``: how the pipeline
+    evaluated (batch size, superclasses run per image), so ``supersub evaluate`` can repeat it."""
+    Routing.parse(serves["routing"])
+    for r in routings.values():
+        Routing.parse(r)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "deltas").mkdir(parents=True)
-    _save_network(base, tmp / "base.safetensors")
+    save_weights(base, tmp / "base.safetensors")
     width = len(str(max(hierarchy.num_superclasses - 1, 0)))
     per_specialist = {}
     for s, packed in sorted(deltas.items()):
@@ -97,10 +96,10 @@ def write_bundle(
     base_files = {}
     for name, (model, spec) in (baselines or {}).items():
         (tmp / "baselines").mkdir(exist_ok=True)
-        _save_network(model, tmp / f"baselines/{name}.safetensors")
+        save_weights(model, tmp / f"baselines/{name}.safetensors")
         base_files[name] = {"file": f"baselines/{name}.safetensors", **spec.to_dict()}
     files = {
-        str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*.safetensors"))
     }
     network_bytes = state_bytes(base)
@@ -113,7 +112,9 @@ def write_bundle(
         "base": {"file": "base.safetensors", **base_spec.to_dict()},
         "hierarchy": hierarchy.to_dict(),
         "delta": to_dict(delta_cfg),
-        "routing": routing,
+        "routings": dict(routings),
+        "serves": dict(serves),
+        "evaluation": evaluation or {},
         "baselines": base_files,
         "bytes": {
             "network": network_bytes,
@@ -127,30 +128,79 @@ def write_bundle(
         "files": files,
         **(extra or {}),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    (tmp / "manifest.json").write_bytes(data)
+    k = _key(key)
+    if k:
+        (tmp / SIGNATURE_FILE).write_text(_sign(data, k) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return manifest
 
 
-class Bundle:
-    """A verified bundle directory. Networks and deltas are read on demand."""
+def _inside(root: Path, name: Any, what: str) -> Path:
+    """``root/name`` for a relative POSIX path that stays inside ``root``; else BundleError."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise BundleError(f"bundle {root}: {what} {name!r} is not a relative file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or name != pure.as_posix():
+        raise BundleError(f"bundle {root}: {what} {name!r} points outside the bundle")
+    path = root / pure
+    if path.is_symlink() or root.resolve() not in path.resolve().parents:
+        raise BundleError(f"bundle {root}: {what} {name!r} points outside the bundle")
+    return path
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.path, self.manifest = path, manifest
-        self.hierarchy = Hierarchy.from_dict(manifest["hierarchy"])
-        self.resident: str = manifest["resident"]
-        self.base_spec = NetworkSpec.from_dict(manifest["base"])
-        self.delta_cfg = from_dict(DeltaConfig, manifest["delta"])
+
+class Bundle:
+    """A verified bundle directory. Every file is read once, checked against its sha256 as it is
+    read (so what is hashed is what is used), and parsed only then."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True) -> None:
+        self.path, self.manifest, self.verify = path, manifest, verify
+        try:
+            self.hierarchy = Hierarchy.from_dict(manifest["hierarchy"])
+            self.resident: str = manifest["resident"]
+            self.base_spec = NetworkSpec.from_dict(manifest["base"])
+            self.delta_cfg = from_dict(DeltaConfig, manifest["delta"])
+            self.routings = {name: Routing.parse(r) for name, r in manifest["routings"].items()}
+            self.serves = Routing.parse(manifest["serves"]["routing"])
+        except (KeyError, TypeError, ValueError, HierarchyError) as e:
+            raise BundleError(f"bundle {path}: manifest.json is not valid ({type(e).__name__}: {e})") from None
+        if self.resident not in ("vanilla", "generalist"):
+            raise BundleError(f"bundle {path}: resident must be 'vanilla' or 'generalist', got {self.resident!r}")
+        expected = self.hierarchy.num_subclasses if self.resident == "vanilla" else self.hierarchy.num_superclasses
+        if self.base_spec.num_outputs != expected:
+            raise BundleError(f"bundle {path}: the {self.resident} network has {self.base_spec.num_outputs} outputs, "
+                              f"the hierarchy needs {expected}")
 
     @property
     def image_size(self) -> int:
         return self.base_spec.image_size
 
+    def read(self, name: str) -> bytes:
+        """The bytes of a listed file, checked against the manifest's sha256."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise BundleError(f"bundle {self.path}: {name} is not listed in manifest.json")
+        data = _inside(self.path, name, "file").read_bytes()
+        if self.verify and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BundleError(f"bundle file {name} was changed: its sha256 does not match the manifest")
+        return data
+
     def _load_network(self, spec: NetworkSpec, file: str) -> ResNet:
+        try:
+            state = st_load(self.read(file))
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
+            raise BundleError(f"bundle file {file} is not a safetensors file ({type(e).__name__})") from None
         model = spec.build()
-        model.load_state_dict(load_file(str(self.path / file)), strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+            raise BundleError(f"bundle file {file} does not fit its network spec: {first.strip()}") from None
         return model.eval()
 
     def load_base(self) -> ResNet:
@@ -159,9 +209,25 @@ class Bundle:
     def load_deltas(self) -> dict[int, PackedDelta]:
         out = {}
         for name in self.manifest["files"]:
-            if name.startswith("deltas/"):
-                packed = PackedDelta.from_bytes((self.path / name).read_bytes())
-                out[int(packed.meta["superclass"])] = packed
+            if not name.startswith("deltas/"):
+                continue
+            try:
+                packed = PackedDelta.from_bytes(self.read(name))
+            except ValueError as e:
+                if isinstance(e, BundleError):
+                    raise
+                raise BundleError(f"bundle file {name}: {e}") from None
+            s = packed.meta.get("superclass")
+            if not isinstance(s, int) or not 0 <= s < self.hierarchy.num_superclasses or s in out:
+                raise BundleError(f"bundle file {name}: superclass {s!r} is not one of the hierarchy's, or twice")
+            n_sub = len(self.hierarchy.superclasses[s].subclasses)
+            head = packed.tensors.get("head.weight")
+            if head is None or head.shape[0] not in (n_sub, n_sub + 1):
+                raise BundleError(f"bundle file {name}: its head does not fit superclass {s}'s {n_sub} subclasses")
+            out[s] = packed
+        missing = sorted(set(range(self.hierarchy.num_superclasses)) - set(out))
+        if missing:
+            raise BundleError(f"bundle {self.path}: no delta for superclass(es) {missing}")
         return out
 
     @property
@@ -174,43 +240,70 @@ class Bundle:
             raise BundleError(f"bundle has no baseline {name!r} (has: {', '.join(self.baseline_names) or 'none'})")
         return self._load_network(NetworkSpec.from_dict(entry), entry["file"])
 
+    def load_vanilla(self) -> ResNet:
+        """The vanilla network: the resident, or the baseline kept beside a generalist."""
+        return self.load_base() if self.resident == "vanilla" else self.load_baseline("vanilla")
+
     def predictor(self, device: torch.device | str = "cpu", **kwargs: Any):
         from supersub.predictor import TwoStagePredictor
 
         return TwoStagePredictor(self.load_base(), self.hierarchy, self.load_deltas(), self.resident, device, **kwargs)
 
-    def routing(self):
-        from supersub.predictor import RoutingConfig
+    def routing(self, name: str | None = None) -> Routing:
+        """The routing the bundle serves, or a reported one by family name (``hard``, ``soft_pooled``)."""
+        if name is None:
+            return self.serves
+        if name not in self.routings:
+            raise BundleError(f"bundle has no routing {name!r} (has: {', '.join(self.routings)})")
+        return self.routings[name]
 
-        return from_dict(RoutingConfig, self.manifest.get("routing", {}))
 
-
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Opens a bundle directory, checking its manifest and (``verify``) every file's sha256."""
+def load_bundle(path: str | Path, verify: bool = True, key: bytes | str | None = None) -> Bundle:
+    """Opens a bundle directory: the manifest checked (and its signature, with a key), every
+    path inside the bundle, no unlisted or missing file; file hashes are checked as files are read."""
     path = Path(path)
     mf = path / "manifest.json"
     if not mf.is_file():
         raise BundleError(f"{path} is not a bundle: manifest.json is missing")
+    data = mf.read_bytes()
+    k = _key(key)
+    if k:
+        sig = path / SIGNATURE_FILE
+        if not sig.is_file():
+            raise BundleError(f"bundle {path} is not signed, and {KEY_ENV} asks for signed bundles")
+        if not hmac.compare_digest(sig.read_text().strip(), _sign(data, k)):
+            raise BundleError(f"bundle {path}: the signature does not match manifest.json (changed, or another key)")
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mf}: not valid JSON ({e})") from e
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{mf}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise BundleError(f"{mf} is not a supersub bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"bundle format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+            f"bundle format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION}); "
+            "rerun the pipeline to write a current bundle"
         )
-    listed = manifest.get("files", {})
-    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
+        raise BundleError(f"{mf}: 'files' must map file names to {{sha256, bytes}}")
+    for name in listed:
+        _inside(path, name, "file")
+    referenced = [("base.file", manifest.get("base", {}).get("file"))]
+    baselines = manifest.get("baselines", {})
+    if not isinstance(baselines, dict):
+        raise BundleError(f"{mf}: 'baselines' must be a mapping")
+    referenced += [(f"baselines.{n}.file", (e or {}).get("file") if isinstance(e, dict) else None) for n, e in baselines.items()]
+    for what, name in referenced:
+        _inside(path, name, what)
+        if name not in listed:
+            raise BundleError(f"bundle {path}: {what} {name!r} is not listed (with its sha256) in manifest.json")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*")
+               if p.is_file() and p.name not in ("manifest.json", SIGNATURE_FILE)}
     foreign = sorted(present - set(listed))
     if foreign:
         raise BundleError(f"bundle {path} holds files its manifest does not list: {', '.join(foreign)}")
     missing = sorted(set(listed) - present)
     if missing:
         raise BundleError(f"bundle {path} is missing {', '.join(missing)}")
-    if verify:
-        for name, entry in listed.items():
-            if sha256_file(path / name) != entry["sha256"]:
-                raise BundleError(f"bundle file {name} was changed: its sha256 does not match the manifest")
-    return Bundle(path, manifest)
+    return Bundle(path, manifest, verify)

@@ -14,7 +14,7 @@ import sys
 _COMMANDS = [
     ("supersub.hierarchy.cli", "register"),
     ("supersub.data.cli", "register"),
-    ("supersub.evaluate", "register"),
+    ("supersub.evaluate_cli", "register"),
     ("supersub.report", "register"),
 ]
 

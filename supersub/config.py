@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
         return dict(value)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
@@ -173,14 +175,20 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return data
 
 
-def dotted_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 3}, "c": [1]}`` → ``{"a.b": 3, "c": [1]}``: the inverse of :func:`parse_overrides`."""
+def dotted_keys(data: dict[str, Any], prefix: str = "", *, lists: bool = False) -> dict[str, Any]:
+    """``{"a": {"b": 3}, "c": [1]}`` → ``{"a.b": 3, "c": [1]}``: the inverse of :func:`parse_overrides`.
+    ``lists=True`` also flattens lists of mappings or lists (``{"s": [{"x": 1}]}`` → ``{"s.0.x": 1}``),
+    as tracking needs."""
     out: dict[str, Any] = {}
     for k, v in data.items():
+        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(dotted_keys(v, f"{prefix}{k}."))
+            out.update(dotted_keys(v, key + ".", lists=lists))
+        elif lists and isinstance(v, (list, tuple)) and v and all(isinstance(x, (dict, list, tuple)) for x in v):
+            items = {str(i): x for i, x in enumerate(v)}
+            out.update(dotted_keys(items, key + ".", lists=lists))
         else:
-            out[f"{prefix}{k}"] = v
+            out[key] = v
     return out
 
 

@@ -57,11 +57,17 @@ def classification_metrics(
     n_err = int(errors.sum())
     sev = severity if severity is not None else severity_matrix(hierarchy)
     heights = torch.from_numpy(sev)[labels, pred].float()
+    # The crossing share errors would have if they fell uniformly on the wrong classes: for an
+    # image of a superclass with n of C classes, (C - n) of its C - 1 wrong answers cross.
+    sizes = torch.bincount(coarse, minlength=hierarchy.num_superclasses).float()
+    n_classes = probs.shape[1]
+    chance = (n_classes - sizes[true_sup]) / max(1, n_classes - 1)
     out = {
         "top1": 100.0 * correct.float().mean().item(),
         "top5": 100.0 * top5.float().mean().item(),
         "superclass_acc": 100.0 * implied_sup.eq(true_sup).float().mean().item(),
         "crossing_error_share": 100.0 * int(crossing.sum()) / n_err if n_err else 0.0,
+        "crossing_error_chance": 100.0 * chance[errors].mean().item() if n_err else 0.0,
         "mistake_severity": heights[errors].mean().item() if n_err else 0.0,
         "mean_lca_height": heights.mean().item(),
         "images": int(labels.numel()),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
@@ -134,6 +135,47 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x))
+
+    def forward_stages_with(
+        self,
+        h: torch.Tensor,
+        start: int,
+        end: int,
+        weights: dict[str, torch.Tensor],
+        bn: dict[str, dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """:meth:`forward_stages` (eval mode) with some conv weights and BatchNorm tensors given
+        by module name instead of the module's own — the module is not touched, so threads may
+        share it. Same ops, same order as the modules' own forward: bit for bit equal results."""
+
+        def conv(name: str, m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x, weights.get(name, m.weight), m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+        def norm(name: str, m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+            t = bn.get(name)
+            if t is None:
+                return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            return F.batch_norm(x, t["running_mean"], t["running_var"], t["weight"], t["bias"], False, 0.0, m.eps)
+
+        def block(prefix: str, b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            out = F.relu(norm(f"{prefix}.bn1", b.bn1, conv(f"{prefix}.conv1", b.conv1, x)))
+            out = norm(f"{prefix}.bn2", b.bn2, conv(f"{prefix}.conv2", b.conv2, out))
+            if isinstance(b, Bottleneck):
+                out = norm(f"{prefix}.bn3", b.bn3, conv(f"{prefix}.conv3", b.conv3, F.relu(out)))
+            identity = x
+            if b.downsample is not None:
+                ds = b.downsample
+                identity = norm(f"{prefix}.downsample.1", ds[1], conv(f"{prefix}.downsample.0", ds[0], x))
+            return F.relu(out + identity)
+
+        for i in range(start, end):
+            if i == 0:
+                h = self.maxpool(F.relu(norm("bn1", self.bn1, conv("conv1", self.conv1, h))))
+                continue
+            name = STAGES[i]
+            for j, b in enumerate(getattr(self, name)):
+                h = block(f"{name}.{j}", b, h)
+        return h
 
 
 def stage_of(param_name: str) -> int:

@@ -1,223 +1,69 @@
-"""The whole Super-Sub pipeline, independent of where its stages run.
+"""The whole Super-Sub pipeline as tasks, independent of where they run.
 
-    data → vanilla [+ scaled-up vanilla] [+ own generalist]   (concurrently, by the runner)
-         → [learned hierarchy from the vanilla network]
-         → N specialists                                     (concurrently, by the runner)
-         → calibrate routing on val, evaluate on test → bundle/, metrics.json
+    data (manifest)
+      → vanilla [+ own generalist] [+ scaled-up vanilla] [+ ensemble members]      (concurrently)
+      → [learned hierarchy from the vanilla network] [→ own generalist on it]
+      → N specialists [+ delta_all] [+ vanilla_long]                              (concurrently)
+      → evaluation: calibrate routing on val, every model on test with its cost
+        [→ ensemble members as the FLOPs allow → evaluation again]
+      → bundle/, metrics.json, predictions.parquet, report/
 
-A *runner* executes lists of stage tasks: :class:`LocalRunner` here runs them one after another
-in this process (a GPU machine without Ray); ``jobs.runner.RayRunner`` runs them as concurrent
-Ray Train runs. A *tracker* records runs (``jobs.tracking.MlflowTracker``; a no-op here).
-Finished stages are skipped on a rerun with the same output folder, so an interrupted run resumes.
+Each step is a list of tasks (:mod:`supersub.tasks`) handed to a runner (:mod:`supersub.runner`);
+a task's folder is named by its fingerprint, so a rerun with the same ``--out`` reuses exactly
+the tasks whose inputs and settings are unchanged, and trains the others anew beside them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-import torch
+from typing import Any
 
 from supersub.bundle import write_bundle
-from supersub.config import ConfigError, field, save_config, to_dict
+from supersub.config import ConfigError, save_config, to_dict
 from supersub.data import load_manifest
-from supersub.delta import DeltaConfig
-from supersub.evaluation import evaluate_two_stage, network_probs, save_predictions
+from supersub.data.loaders import LoaderSpec, epoch_images
+from supersub.evaluation import EvaluationInputs, evaluate_run, save_predictions
 from supersub.hierarchy import Hierarchy
-from supersub.loaders import LoaderSpec, make_loader
-from supersub.models import ModelConfig, state_bytes
-from supersub.predictor import RoutingConfig, TwoStagePredictor
-from supersub.stages import (
-    DataOptions,
-    NetworkTask,
-    SpecialistTask,
-    finetune_specialist,
-    is_done,
-    load_network,
-    load_packed,
-    train_network,
-)
-from supersub.train import OptimConfig, amp_dtype, pick_device
+from supersub.networks import network_hash
+from supersub.pipeline_config import PipelineConfig
+from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, run_tasks
+from supersub.tasks import DataOptions, LearnedHierarchyTask, NetworkTask, SpecialistTask, digest, folder_for
+from supersub.train import amp_dtype, pick_device
 
 
-# ----------------------------------------------------------------------------- config
-@dataclass
-class DataConfig:
-    source: str = field(
-        "synthetic:superclasses=4,subclasses=5,per_class=120,size=32",
-        help="image source: synthetic[:k=v,...], a Parquet folder or glob, an ImageNet-style folder, cifar100:ROOT",
-    )
-    hierarchy: str = field(
-        "synthetic",
-        help="paper10, cifar100, auto:K, learned:K (from the vanilla network), synthetic (the source's own), or a file",
-    )
-    learned_from: str = field("auto:10", help="learned:K only: the hierarchy the manifest is first built with")
-    imagenet_meta: str | None = field(None, help="folder with wordnet.is_a.txt and words.txt (auto:K, paper10 checks)")
-    leftover: Literal["drop", "other"] = field("drop", help="auto:K: drop classes outside the K nodes or gather them as 'other'")
-    image_size: int = field(32, help="input size in pixels (square)")
-    val_fraction: float = field(0.1, help="share of each class's training images held out as val")
-    test_fraction: float | None = field(None, help="share held out as test when the source has no eval split (default: val_fraction)")
-    verify: bool = field(True, help="decode every image once at build time (bad data counted, converted or skipped)")
-    max_train_per_class: int | None = field(
-        None, help="keep at most this many train images per class (a smaller study; val and test untouched)"
-    )
-    loader: Literal["auto", "tensors", "dataset", "ray_data"] = field(
-        "auto", help="tensors: decoded split in memory (<= 64 px); dataset: torch DataLoader; ray_data: Ray Data (Ray runner)"
-    )
-    num_workers: int = field(2, help="DataLoader / decoding worker processes")
-    cache_dir: str | None = field(None, help="folder for decoded-split caches (tensors loader)")
+# ----------------------------------------------------------------------------- data
+def data_spec(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the manifest depends on (not how it is read): a change rebuilds it."""
+    spec = {k: v for k, v in to_dict(cfg.data).items()
+            if k not in ("loader", "num_workers", "cache_dir", "learned_from", "learned_min_size", "manifest")}
+    spec["hierarchy"] = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    return spec
 
 
-@dataclass
-class GeneralistConfig:
-    kind: Literal["own", "vanilla"] = field(
-        "vanilla",
-        help="own: a superclass network (the paper); vanilla: the vanilla network, superclass = sum of its subclass probabilities",
-    )
-
-
-@dataclass
-class SpecialistConfig:
-    init: Literal["resident", "vanilla"] = field(
-        "resident", help="start from the resident network (generalist or vanilla) or from the vanilla network"
-    )
-    head_init: Literal["auto", "random", "vanilla_rows"] = field(
-        "auto", help="auto: the vanilla head's rows when specialists start from the vanilla network, else random"
-    )
-    negatives: float = field(
-        0.5, help="images of other superclasses per own image, labelled 'other' (0: none, no 'other' output)"
-    )
-    optim: OptimConfig = field(
-        OptimConfig(epochs=10, lr=0.02, warmup_epochs=0.0, weight_decay=0.0), help="finetuning optimiser"
-    )
-
-
-@dataclass
-class BaselinesConfig:
-    scaled: bool = field(False, help="also train a scaled-up vanilla network (the 'just make it bigger' baseline)")
-    scaled_width: float = field(1.25, help="width multiplier of the scaled-up vanilla network")
-    scaled_depths: list[int] | None = field(None, help="blocks per stage of the scaled-up vanilla network (null: same)")
-
-
-@dataclass
-class ResourcesConfig:
-    runner: Literal["ray", "local"] = field("ray", help="ray: Ray Train runs (concurrent); local: this process, in turn")
-    num_workers: int = field(1, help="Ray Train workers (DDP) for vanilla / generalist")
-    cpus_per_worker: float = field(1.0, help="CPUs per Ray Train worker (fractions allowed)")
-    gpus_per_worker: float = field(0.0, help="GPUs per Ray Train worker (fractions allowed)")
-    specialist_workers: int = field(1, help="Ray Train workers per specialist")
-    specialist_cpus: float = field(0.5, help="CPUs per specialist worker")
-    specialist_gpus: float = field(0.0, help="GPUs per specialist worker (fractions allowed: several share a GPU)")
-    max_failures: int = field(2, help="restarts of a failed training run (from its last checkpoint)")
-    storage_path: str | None = field(None, help="Ray Train storage (local path or s3://, gs://); default: OUT/ray")
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = field(True, help="log to MLflow (jobs layer only)")
-    tracking_uri: str | None = field(
-        None, help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///~/.supersub/mlflow.db"
-    )
-    experiment: str = field("supersub", help="MLflow experiment name")
-    log_bundle: bool = field(True, help="log the bundle as an artifact of the parent run")
-
-
-@dataclass
-class PipelineConfig:
-    name: str = field("default", help="run name")
-    seed: int = field(0, help="seed of data splits, initialisation and data order")
-    device: str = field("auto", help="auto (cuda when available), cpu, cuda, cuda:1")
-    report: bool = field(True, help="write OUT/report/ (HTML, confusion plots, galleries) at the end")
-    data: DataConfig = field(DataConfig(), help="data")
-    model: ModelConfig = field(ModelConfig(backbone="resnet10", width=0.25), help="backbone of every network")
-    train: OptimConfig = field(OptimConfig(epochs=8, batch_size=64), help="vanilla / generalist training")
-    generalist: GeneralistConfig = field(GeneralistConfig(), help="what answers stage one")
-    specialist: SpecialistConfig = field(SpecialistConfig(), help="specialist finetuning")
-    delta: DeltaConfig = field(DeltaConfig(), help="the specialists' deltas")
-    routing: RoutingConfig = field(RoutingConfig(), help="two-stage routing")
-    baselines: BaselinesConfig = field(BaselinesConfig(), help="baselines trained beside")
-    resources: ResourcesConfig = field(ResourcesConfig(), help="Ray resources")
-    tracking: TrackingConfig = field(TrackingConfig(), help="MLflow")
-
-    def __post_init__(self) -> None:
-        if self.data.hierarchy.startswith("learned:") and not self.data.hierarchy[8:].isdigit():
-            raise ValueError(f"data.hierarchy {self.data.hierarchy!r}: learned:K needs an integer K")
-
-
-# ----------------------------------------------------------------------------- runners
-class Runner(Protocol):
-    def run_networks(self, tasks: list[NetworkTask]) -> list[dict[str, Any]]: ...
-    def run_specialists(self, tasks: list[SpecialistTask]) -> list[dict[str, Any]]: ...
-
-
-class Tracker(Protocol):
-    def stage(self, name: str, params: dict[str, Any], result: dict[str, Any]) -> None: ...
-    def summary(self, metrics: dict[str, Any], artifacts: list[Path]) -> None: ...
-
-
-class NullTracker:
-    def stage(self, name: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        pass
-
-    def summary(self, metrics: dict[str, Any], artifacts: list[Path]) -> None:
-        pass
-
-
-class LocalRunner:
-    """Runs every task in this process, one after another (no Ray)."""
-
-    def __init__(self, device: str = "auto", retries: int = 1, log=print) -> None:
-        from supersub.stages import StageContext
-
-        self.ctx = StageContext(device=pick_device(device), log=log)
-        self.retries, self.log = retries, log
-
-    def _run(self, fn, task) -> dict[str, Any]:
-        for attempt in range(self.retries + 1):
-            try:
-                return fn(task, self.ctx)
-            except Exception as e:  # a failed stage is retried from its checkpoint, then reported
-                if attempt == self.retries:
-                    raise
-                self.log(f"{task.name} failed ({e!r}); retrying from its last checkpoint")
-        raise AssertionError
-
-    def run_networks(self, tasks: list[NetworkTask]) -> list[dict[str, Any]]:
-        return [self._run(train_network, t) for t in tasks]
-
-    def run_specialists(self, tasks: list[SpecialistTask]) -> list[dict[str, Any]]:
-        return [self._run(finetune_specialist, t) for t in tasks]
-
-
-# ----------------------------------------------------------------------------- stages
-def prepare_data(cfg: PipelineConfig, out: Path, log=print) -> Path:
-    """Builds the manifest in ``out/data`` unless one built from the same data settings exists."""
+def prepare_data(cfg: PipelineConfig, base: Path, log=print, keyed: bool = False) -> Path:
+    """The manifest folder: ``data.manifest`` as given, else built into ``base/data`` (``keyed``:
+    ``base/data-<digest>``, so a study's variants on different data each keep theirs) unless one
+    built from the same data settings is there."""
     from supersub.data import build_manifest
 
-    data_dir = out / "data"
-    hierarchy = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
-    # What the manifest depends on (not how it is read): a change here rebuilds it.
-    spec = {k: v for k, v in to_dict(cfg.data).items() if k not in ("loader", "num_workers", "cache_dir", "learned_from")}
-    spec.update(hierarchy=hierarchy, seed=cfg.seed)
+    if cfg.data.manifest:
+        load_manifest(cfg.data.manifest)  # refuses a folder that is not a manifest, with one line
+        return Path(cfg.data.manifest)
+    spec = data_spec(cfg)
+    data_dir = base / (f"data-{digest(spec)[:10]}" if keyed else "data")
     stamp = data_dir / "data_config.json"
     if (data_dir / "manifest.parquet").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec:
         log(f"data: reusing {data_dir}")
         return data_dir
     build_manifest(
-        cfg.data.source,
-        hierarchy,
-        data_dir,
-        val_fraction=cfg.data.val_fraction,
-        test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
-        imagenet_meta=cfg.data.imagenet_meta,
-        leftover=cfg.data.leftover,
-        verify=cfg.data.verify,
-        num_workers=max(1, cfg.data.num_workers),
+        cfg.data.source, spec["hierarchy"], data_dir, val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed, imagenet_meta=cfg.data.imagenet_meta,
+        leftover=cfg.data.leftover, verify=cfg.data.verify, num_workers=max(1, cfg.data.num_workers),
     )
     if cfg.data.max_train_per_class is not None:
         _limit_train(data_dir, cfg.data.max_train_per_class)
@@ -241,49 +87,115 @@ def _limit_train(data_dir: Path, per_class: int) -> None:
     write_manifest(data_dir, {n: table.column(n) for n in table.column_names}, m.hierarchy, m.meta)
 
 
-def _data_options(cfg: PipelineConfig, manifest_dir: Path) -> DataOptions:
+def data_options(cfg: PipelineConfig, manifest_dir: Path) -> DataOptions:
     loader = "auto" if cfg.data.loader == "ray_data" else cfg.data.loader
-    return DataOptions(str(manifest_dir), cfg.data.image_size, loader, cfg.data.num_workers, cfg.data.cache_dir)
+    fingerprint = load_manifest(manifest_dir).fingerprint
+    return DataOptions(str(manifest_dir), fingerprint, cfg.data.image_size, loader, cfg.data.num_workers, cfg.data.cache_dir)
 
 
-def network_tasks(cfg: PipelineConfig, data: DataOptions, stages: Path, include_generalist: bool) -> list[NetworkTask]:
-    tasks = [NetworkTask("vanilla", "fine", cfg.model, cfg.train, data, str(stages / "vanilla"), cfg.seed)]
+# ----------------------------------------------------------------------------- tasks
+def network_task(role: str, target: str, cfg: PipelineConfig, data: DataOptions, root: Path, *,
+                 model=None, seed: int | None = None, train_images: int | None = None) -> NetworkTask:
+    t = NetworkTask(role, target, model or cfg.model, cfg.train, data, "", cfg.seed if seed is None else seed, train_images)
+    t.out_dir = folder_for(root, t.name, t.fingerprint())
+    return t
+
+
+def specialist_task(cfg: PipelineConfig, superclass: int | None, data: DataOptions, root: Path, resident_dir: str,
+                    vanilla_dir: str, *, train_images: int | None = None) -> SpecialistTask:
+    own = cfg.generalist.kind == "own"
+    everything = superclass is None  # delta_all: on the vanilla network, no "other", no other init
+    init_dir = vanilla_dir if (own and cfg.specialist.init == "vanilla" and not everything) else None
+    head_init = cfg.specialist.head_init
+    if head_init == "auto" or everything:
+        head_init = "vanilla_rows" if (everything or cfg.specialist.init == "vanilla" or not own) else "random"
+    inputs = {"resident": network_hash(resident_dir), "init": network_hash(init_dir) if init_dir else None,
+              "vanilla": network_hash(vanilla_dir) if (head_init == "vanilla_rows" or cfg.specialist.distill) else None}
+    t = SpecialistTask(
+        superclass, resident_dir, init_dir, head_init, vanilla_dir, cfg.delta, cfg.specialist.optim,
+        0.0 if everything else cfg.specialist.negatives, data, "", cfg.seed, train_images,
+        cfg.specialist.distill, cfg.specialist.distill_temperature, inputs,
+    )
+    t.out_dir = folder_for(root, t.name, t.fingerprint())
+    return t
+
+
+def planned_images(task: SpecialistTask | NetworkTask, hierarchy: Hierarchy, manifest) -> int:
+    """Training images a task will see, from the manifest alone (before it runs)."""
+    if task.train_images is not None:
+        return task.train_images // task.optim.batch_size * task.optim.batch_size
+    spec: LoaderSpec = task.loader_specs()["train"]
+    rows = manifest.indices("train")
+    fine, coarse = manifest.subclass[rows], manifest.superclass[rows]
+    n_sub = len(hierarchy.superclasses[spec.superclass].subclasses) if spec.superclass is not None else 0
+    return epoch_images(spec, fine, coarse, n_sub) * task.optim.epochs
+
+
+@dataclass
+class BaseNetworks:
+    """The first half of the pipeline, shared with ``jobs.tune``: the manifests and the networks
+    the specialists start from."""
+
+    first_data: DataOptions  # what the vanilla network was trained on
+    data: DataOptions  # what the specialists use (a learned hierarchy's manifest, or the same)
+    hierarchy: Hierarchy
+    vanilla: NetworkTask
+    generalist: NetworkTask | None
+    extra: dict[str, list[NetworkTask]]  # vanilla_scaled, ensemble members (trained beside the vanilla network)
+
+    @property
+    def resident_dir(self) -> str:
+        return (self.generalist or self.vanilla).out_dir
+
+
+def train_base_networks(cfg: PipelineConfig, base: Path, runner: Runner, log=print, keyed_data: bool = False) -> BaseNetworks:
+    """Data, the vanilla network (+ own generalist, scaled-up vanilla, fixed ensemble members),
+    and for ``learned:K`` the learned hierarchy (+ the own generalist trained on it)."""
+    root = base / "tasks"
+    learned = cfg.data.hierarchy.startswith("learned:")
+    own = cfg.generalist.kind == "own"
+    log("== data")
+    first = data_options(cfg, prepare_data(cfg, base, log, keyed=keyed_data))
+    log("== base networks")
+    vanilla = network_task("vanilla", "fine", cfg, first, root)
+    tasks = [vanilla]
+    extra: dict[str, list[NetworkTask]] = {}
     if cfg.baselines.scaled:
         scaled = dataclasses.replace(cfg.model, width=cfg.baselines.scaled_width, depths=cfg.baselines.scaled_depths)
-        tasks.append(NetworkTask("vanilla_scaled", "fine", scaled, cfg.train, data, str(stages / "vanilla_scaled"), cfg.seed))
-    if include_generalist:
-        tasks.append(NetworkTask("generalist", "coarse", cfg.model, cfg.train, data, str(stages / "generalist"), cfg.seed))
-    return tasks
+        extra["vanilla_scaled"] = [network_task("vanilla_scaled", "fine", cfg, first, root, model=scaled)]
+    if cfg.baselines.ensemble not in ("off", "auto"):
+        extra["ensemble"] = ensemble_members(cfg, first, root, int(cfg.baselines.ensemble))
+    generalist = network_task("generalist", "coarse", cfg, first, root) if own and not learned else None
+    tasks += [t for ts in extra.values() for t in ts if t.out_dir != vanilla.out_dir] + ([generalist] if generalist else [])
+    run_tasks(runner, tasks, cfg.resources, log)
+    data = first
+    if learned:
+        k = cfg.data.hierarchy.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"data.hierarchy={cfg.data.hierarchy}: K must be a positive integer")
+        task = LearnedHierarchyTask(int(k), vanilla.out_dir, first, "", cfg.seed, cfg.data.learned_min_size,
+                                    {"vanilla": network_hash(vanilla.out_dir)})
+        task.out_dir = folder_for(root, task.name, task.fingerprint())
+        run_tasks(LocalRunner(cfg.device, log=log), [task], cfg.resources, log)
+        data = data_options(cfg, task.manifest_dir)
+        if own:
+            generalist = network_task("generalist", "coarse", cfg, data, root)
+            run_tasks(runner, [generalist], cfg.resources, log)
+    hierarchy = load_manifest(data.manifest_dir).hierarchy
+    return BaseNetworks(first, data, hierarchy, vanilla, generalist, extra)
 
 
-def specialist_tasks(
-    cfg: PipelineConfig, data: DataOptions, stages: Path, hierarchy: Hierarchy, specialists_dir: Path | None = None
-) -> list[SpecialistTask]:
-    specialists_dir = specialists_dir or stages / "specialists"
-    own = cfg.generalist.kind == "own"
-    resident_dir = stages / ("generalist" if own else "vanilla")
-    init_dir = str(stages / "vanilla") if (own and cfg.specialist.init == "vanilla") else None
-    head_init = cfg.specialist.head_init
-    if head_init == "auto":
-        head_init = "vanilla_rows" if (cfg.specialist.init == "vanilla" or not own) else "random"
-    return [
-        SpecialistTask(
-            superclass=s,
-            resident_dir=str(resident_dir),
-            init_dir=init_dir,
-            head_init=head_init,
-            vanilla_dir=str(stages / "vanilla"),
-            delta=cfg.delta,
-            optim=cfg.specialist.optim,
-            negatives=cfg.specialist.negatives,
-            data=data,
-            out_dir=str(specialists_dir / f"{s:03d}"),
-            seed=cfg.seed,
-        )
-        for s in range(hierarchy.num_superclasses)
-    ]
+def ensemble_members(cfg: PipelineConfig, data: DataOptions, root: Path, members: int) -> list[NetworkTask]:
+    """The vanilla networks of seeds seed, seed+1, ...: the first is the run's own vanilla network."""
+    return [network_task("vanilla", "fine", cfg, data, root, seed=cfg.seed + i) for i in range(members)]
 
 
+def specialist_tasks(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> list[SpecialistTask]:
+    return [specialist_task(cfg, s, b.data, root, b.resident_dir, b.vanilla.out_dir)
+            for s in range(b.hierarchy.num_superclasses)]
+
+
+# ----------------------------------------------------------------------------- the run
 def run_pipeline(
     cfg: PipelineConfig,
     out_dir: str | Path,
@@ -294,24 +206,45 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Runs (or resumes) the pipeline into ``out_dir``; returns the metrics written to metrics.json.
 
-    ``shared_dir`` (a study of several variants) holds the data and the base networks, which
-    variants that differ only in generalist, specialist, delta or routing settings share."""
+    ``shared_dir`` (a study of several variants and seeds) holds the data and every task, which
+    the runs share wherever their inputs and settings agree."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(shared_dir) if shared_dir else out
+    root = base / "tasks"
     save_config(cfg, out / "config.yaml")
-    runner = runner or LocalRunner(cfg.device, log=log)
     tracker = tracker or NullTracker()
+    runner = runner or LocalRunner(cfg.device, log=log, tracker=tracker)
     t0 = time.perf_counter()
-    specialists = out / "specialists"
 
-    manifest_dir, stages, data = train_base_networks(cfg, base, runner, tracker, log)
-    hierarchy = load_manifest(manifest_dir).hierarchy
-    log(f"== specialists ({hierarchy.num_superclasses})")
-    _run_pending(runner.run_specialists, specialist_tasks(cfg, data, stages, hierarchy, specialists), tracker, log)
+    b = train_base_networks(cfg, base, runner, log, keyed_data=shared_dir is not None)
+    manifest = load_manifest(b.data.manifest_dir)
+    log(f"== specialists ({b.hierarchy.num_superclasses})")
+    specialists = specialist_tasks(cfg, b, root)
+    spec_images = sum(planned_images(t, b.hierarchy, manifest) for t in specialists)
+    tasks: list = list(specialists)
+    if cfg.baselines.delta_all:
+        tasks.append(specialist_task(cfg, None, b.data, root, b.vanilla.out_dir, b.vanilla.out_dir, train_images=spec_images))
+    if cfg.baselines.vanilla_long:
+        vanilla_images = b.vanilla.result()["train_images"]
+        long = network_task("vanilla_long", "fine", cfg, b.first_data, root, train_images=vanilla_images + spec_images)
+        b.extra["vanilla_long"] = [long]
+        tasks.append(long)
+    run_tasks(runner, tasks, cfg.resources, log)
+    actual = sum(t.result()["train_images"] for t in specialists)
+    if actual != spec_images:
+        log(f"warning: the specialists saw {actual:,} training images, {spec_images:,} were planned for the controls")
 
     log("== evaluation")
-    metrics = evaluate_run(cfg, out, manifest_dir, stages, log, specialists)
+    metrics = evaluate(cfg, out, b, specialists, tasks, log)
+    if cfg.baselines.ensemble == "auto":
+        served = metrics["models"][metrics["serves"]["model"]]
+        members = max(1, math.floor(served["flops_ratio"] + 1e-9))
+        log(f"ensemble: the served two-stage model costs {served['flops_ratio']:.2f} networks of FLOPs an image: "
+            f"{members} member(s)")
+        b.extra["ensemble"] = ensemble_members(cfg, b.first_data, root, members)
+        run_tasks(runner, b.extra["ensemble"], cfg.resources, log)
+        metrics = evaluate(cfg, out, b, specialists, tasks, log)
     metrics["wall_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(format_summary(metrics))
@@ -319,164 +252,105 @@ def run_pipeline(
     if cfg.report:
         from supersub.report import write_report
 
-        write_report(str(out), out / "report")  # confusion plots, galleries: readable without MLflow
+        write_report(str(out), out / "report")
         artifacts.append("report")
         log(f"report: {out / 'report' / 'index.html'}")
-    tracker.summary(metrics, [out / a for a in artifacts] + [manifest_dir / "hierarchy.json"])
+    tracker.summary(metrics, [out / a for a in artifacts] + [Path(b.data.manifest_dir) / "hierarchy.json"])
     return metrics
 
 
-def train_base_networks(
-    cfg: PipelineConfig, base: Path, runner: Runner, tracker: Tracker, log=print
-) -> tuple[Path, Path, DataOptions]:
-    """The first half of the pipeline, shared with ``jobs.tune``: the data, the vanilla network
-    (+ scaled-up vanilla, + own generalist) and, for ``learned:K``, the learned hierarchy.
-    Returns the manifest folder, the folder of the network stages and the data options."""
-    learned = cfg.data.hierarchy.startswith("learned:")
-    own = cfg.generalist.kind == "own"
-    stages = base / "stages"
-    log("== data")
-    manifest_dir = prepare_data(cfg, base, log)
-    data = _data_options(cfg, manifest_dir)
-    log("== base networks")
-    _run_pending(runner.run_networks, network_tasks(cfg, data, stages, include_generalist=own and not learned), tracker, log)
-    if learned:
-        from supersub.relabel import learn_and_relabel
-
-        manifest_dir, stages = learn_and_relabel(cfg, base, stages, data, log)
-        data = _data_options(cfg, manifest_dir)
-        if own:
-            _run_pending(runner.run_networks, network_tasks(cfg, data, stages, True)[-1:], tracker, log)
-    return manifest_dir, stages, data
-
-
-def _run_pending(run, tasks, tracker: Tracker, log) -> None:
-    for t in tasks:  # a finished stage is reused only if it was made with the same settings
-        stamp = Path(t.out_dir) / "task.json"
-        # What a stage computes, not where its files live (a moved output folder still resumes)
-        # nor how its data is read.
-        d = {k: v for k, v in to_dict(t).items() if not k.endswith("_dir")}
-        d["data"] = {"image_size": d["data"]["image_size"]}
-        settings = json.dumps(d, sort_keys=True)
-        if stamp.is_file() and stamp.read_text() != settings:
-            raise ConfigError(
-                f"{t.out_dir} holds a {t.name} stage made with other settings; use another output folder or delete it"
-            )
-        Path(t.out_dir).mkdir(parents=True, exist_ok=True)
-        stamp.write_text(settings)
-    pending = [t for t in tasks if not is_done(t.out_dir)]
-    for t in tasks:
-        if t not in pending:
-            log(f"{t.name}: done earlier, skipped")
-    if pending:
-        results = run(pending)
-        for t, r in zip(pending, results):
-            tracker.stage(t.name, to_dict(t), r)
-
-
-# ----------------------------------------------------------------------------- evaluation
-def evaluate_run(
-    cfg: PipelineConfig, out: Path, manifest_dir: Path, stages: Path, log=print, specialists: Path | None = None
-) -> dict[str, Any]:
-    """Calibrates routing on val, evaluates everything on test, writes the bundle."""
-    specialists = specialists or stages / "specialists"
+def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[SpecialistTask], tasks: list,
+             log=print) -> dict[str, Any]:
+    """Evaluates the run's models, writes predictions.parquet and bundle/; returns the metrics."""
     device = pick_device(cfg.device)
-    manifest = load_manifest(manifest_dir)
+    manifest = load_manifest(b.data.manifest_dir)
     h = manifest.hierarchy
-    own = cfg.generalist.kind == "own"
-    resident, resident_spec, _ = load_network(stages / ("generalist" if own else "vanilla"))
-    deltas = {s: load_packed(specialists / f"{s:03d}") for s in range(h.num_superclasses)}
-
-    def loader(split: str):
-        spec = LoaderSpec(split, "fine", False, 512)
-        return make_loader(manifest, spec, image_size=cfg.data.image_size, mode=_data_options(cfg, manifest_dir).loader,
-                           device=device, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
-
-    test_split = "test" if manifest.counts().get("test", 0) else "val"
-    baselines, networks = {}, {}
-    for name in ("vanilla", "vanilla_scaled"):
-        if (stages / name / "model.safetensors").is_file():
-            model, spec, _ = load_network(stages / name)
-            networks[name] = (model, spec)
-            baselines[name] = network_probs(model.to(device), loader(test_split), device)
-    if own:
-        gen_probs = network_probs(resident.to(device), loader(test_split), device)
-
-    # Evaluation keeps every materialised delta on the device (tens of MB): each batch needs many
-    # specialists, and decoding them again per batch would dominate. Serving keeps one at a time.
-    predictor = TwoStagePredictor(
-        resident, h, deltas, "generalist" if own else "vanilla", device, amp=amp_dtype(cfg.train, device),
-        cache_bytes=1 << 30,
+    delta_all = next((t for t in tasks if isinstance(t, SpecialistTask) and t.superclass is None), None)
+    inputs = EvaluationInputs(
+        manifest_dir=b.data.manifest_dir, image_size=cfg.data.image_size, resident=cfg.generalist.kind.replace("own", "generalist"),
+        resident_dir=b.resident_dir, vanilla_dir=b.vanilla.out_dir, specialist_dirs=[t.out_dir for t in specialists],
+        baseline_dirs={k: [t.out_dir for t in ts] for k, ts in b.extra.items()},
+        delta_all_dir=delta_all.out_dir if delta_all else None, loader=b.data.loader, num_workers=cfg.data.num_workers,
+        cache_dir=cfg.data.cache_dir,
     )
-    result = evaluate_two_stage(
-        predictor, h, loader(test_split), loader("val") if test_split == "test" else None, cfg.routing, baselines
-    )
-    uris = [manifest.uris[i] for i in manifest.indices(test_split)]
+    result = evaluate_run(inputs, h, manifest, device, amp_dtype(cfg.train, device), cfg.evaluation, log)
+    uris = [manifest.uris[i] for i in manifest.indices(result["test_split"])]
     save_predictions(out / "predictions.parquet", uris, result["labels"], result["probs"], h)
-    if own:
-        labels = result["labels"]
-        coarse = torch.tensor(h.fine_to_coarse)[labels]
-        result["models"]["generalist"] = {"superclass_acc": 100.0 * gen_probs.argmax(1).eq(coarse).float().mean().item()}
+    resident, resident_spec = result["_resident"]
+    baselines = {}
+    if cfg.generalist.kind == "own":  # the vanilla app serves it; a vanilla resident is the bundle's base
+        from supersub.networks import load_network
 
-    bundle_dir = out / "bundle"
-    routing = result["routing"]["hard" if cfg.routing.mode == "hard" else "soft"]  # what the bundle serves
+        vanilla, vspec, _ = load_network(b.vanilla.out_dir, h.subclass_ids)
+        baselines["vanilla"] = (vanilla, vspec)
     manifest_json = write_bundle(
-        bundle_dir,
-        base=resident,
-        base_spec=resident_spec,
-        resident="generalist" if own else "vanilla",
-        hierarchy=h,
-        deltas=deltas,
-        delta_cfg=cfg.delta,
-        routing=routing,
-        baselines={k: v for k, v in networks.items() if not (k == "vanilla" and not own)},
-        extra={"pipeline": {"name": cfg.name, "test_split": test_split}},
+        out / "bundle", base=resident, base_spec=resident_spec, resident=inputs.resident, hierarchy=h,
+        deltas=result["_deltas"], delta_cfg=cfg.delta, routings=result["routing"], serves=result["serves"],
+        evaluation=result["evaluation"], baselines=baselines,
+        extra={"pipeline": {"name": cfg.name, "seed": cfg.seed, "test_split": result["test_split"]}},
     )
-    specialist_results = [
-        json.loads((specialists / f"{s:03d}" / "metrics.json").read_text()) for s in range(h.num_superclasses)
-    ]
-    def train_images(stage_dir: Path) -> int:
-        path = stage_dir / "metrics.json"
-        return json.loads(path.read_text()).get("train_images", 0) if path.is_file() else 0
-
-    bytes_ = dict(manifest_json["bytes"])
-    bytes_["baselines"] = {name: state_bytes(model) for name, (model, _) in networks.items()}
+    specialist_results = [t.result() for t in specialists]
     return {
         "name": cfg.name,
-        "test_split": test_split,
-        "manifest_dir": str(manifest_dir.resolve()),
-        "stages_dir": str(stages.resolve()),
-        "hierarchy": {"name": h.name, "superclasses": [s.name for s in h.superclasses], "sizes": [len(s.subclasses) for s in h.superclasses]},
+        "seed": cfg.seed,
+        "test_split": result["test_split"],
+        "manifest_dir": str(Path(b.data.manifest_dir).resolve()),
+        "manifest_fingerprint": b.data.fingerprint,
+        "hierarchy": {"name": h.name, "superclasses": [s.name for s in h.superclasses],
+                      "sizes": [len(s.subclasses) for s in h.superclasses]},
         "models": result["models"],
         "routing": result["routing"],
+        "serves": result["serves"],
         "per_superclass": result["per_superclass"],
-        "bytes": bytes_,
-        "specialists": [
-            {k: r[k] for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density", "wall_seconds")}
-            for r in specialist_results
-        ],
-        # Training compute (images through a network): the two-stage model pays for its resident
-        # network and every specialist; a fair reading of its gain keeps this in view.
-        "train_images": {
-            **{name: train_images(stages / name) for name in ("vanilla", "vanilla_scaled", "generalist")},
-            "specialists": sum(train_images(specialists / f"{s:03d}") for s in range(h.num_superclasses)),
-        },
+        "flops": result["flops"],
+        "bytes": manifest_json["bytes"],
+        "specialists": [{k: r.get(k) for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density",
+                                               "wall_seconds", "train_images")} for r in specialist_results],
+        "tasks": {t.name: t.out_dir for t in [b.vanilla, *specialists, *tasks, *(b.extra.get("ensemble") or [])]
+                  + ([b.generalist] if b.generalist else [])},
         "device": str(device),
-        "timings": dict(predictor.timings),
+        "timings": result["timings"],
     }
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
-    """The table printed at the end of a run."""
-    rows = [f"{'model':<22}{'top-1':>8}{'top-5':>8}{'super':>8}{'cross%':>8}"]
+    """The table printed at the end of a run: accuracy beside cost."""
+    rows = [f"{'model':<24}{'top-1':>7}{'Δ vs vanilla [95% CI]':>24}{'super':>7}{'cross%':>8}"
+            f"{'bytes':>7}{'train img':>11}{'FLOPs':>7}{'latency':>8}"]
     for name, m in metrics["models"].items():
         if "top1" not in m:
-            rows.append(f"{name:<22}{'':>8}{'':>8}{m['superclass_acc']:>8.2f}")
+            rows.append(f"{name:<24}{'':>7}{'':>24}{m['superclass_acc']:>7.2f}")
             continue
-        rows.append(f"{name:<22}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['superclass_acc']:>8.2f}{m['crossing_error_share']:>8.1f}")
+        d = m.get("delta_vs_vanilla")
+        delta = f"{d['delta']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else ""
+        lat = m.get("latency_ratio")
+        rows.append(
+            f"{name:<24}{m['top1']:>7.2f}{delta:>24}{m['superclass_acc']:>7.2f}{m['crossing_error_share']:>8.1f}"
+            f"{m.get('bytes_in_networks', float('nan')):>7.3f}{m.get('train_images', 0):>11,}"
+            f"{m.get('flops_ratio') or float('nan'):>7.2f}{lat if lat is not None else float('nan'):>8.2f}"
+        )
     b = metrics["bytes"]
     rows.append(
-        f"bytes: network {b['network']:,}, specialist mean {b['mean_specialist_ratio']:.4f} of a network, "
-        f"total {b['total_in_networks']:.3f} networks for {len(b['per_specialist'])} specialists"
+        f"serves {metrics['serves']['model']} ({metrics['serves']['routing']}); bytes and FLOPs in vanilla networks; "
+        f"specialist mean {b['mean_specialist_ratio']:.4f} of a network, total {b['total_in_networks']:.3f} networks"
     )
     return "\n".join(rows)
+
+
+def check_inputs(cfg: PipelineConfig, out: Path) -> None:
+    """What can be checked before anything starts (Ray, MLflow, a build): raises a one-line error."""
+    from supersub.data.sources import check_source
+    from supersub.hierarchy import check_spec
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if cfg.data.manifest:
+        load_manifest(cfg.data.manifest)
+        return
+    check_source(cfg.data.source)
+    spec = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    if cfg.data.hierarchy.startswith("learned:"):
+        k = cfg.data.hierarchy.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"data.hierarchy={cfg.data.hierarchy}: K in learned:K must be a positive integer")
+    check_spec(spec, imagenet_meta=cfg.data.imagenet_meta)

@@ -7,6 +7,7 @@ computes a number the report does not also print.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,28 @@ from typing import Any
 import numpy as np
 
 DPI = 100
-# Friendly names of the models in legends and axes (the keys of metrics.json's "models").
+# Friendly names of the models in legends, axes and tables (the keys of metrics.json's "models").
 LABELS = {
     "vanilla": "vanilla",
-    "vanilla_scaled": "vanilla (scaled up)",
+    "vanilla_long": "vanilla, trained longer (equal images)",
+    "vanilla_scaled": "vanilla, scaled up (equal bytes)",
+    "ensemble": "ensemble of vanilla networks",
+    "delta_all": "one delta on all classes",
+    "delta_all_pooled": "one delta on all classes, pooled",
     "two_stage_hard": "two-stage, hard",
     "two_stage_soft": "two-stage, soft",
-    "two_stage_oracle": "two-stage, oracle",
+    "two_stage_hard_pooled": "two-stage, hard + pooling",
+    "two_stage_soft_pooled": "two-stage, soft + pooling",
+    "two_stage_served": "two-stage, served routing",
+    "two_stage_oracle": "two-stage, oracle routing",
     "stage1": "stage one (superclass only)",
     "generalist": "generalist (superclass only)",
 }
+
+
+def label(name: str) -> str:
+    """A model's friendly name; its key when it has none."""
+    return LABELS.get(name, name)
 
 
 def _plt() -> Any:
@@ -59,20 +72,24 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def grouped_bars(
-    groups: Sequence[str], series: dict[str, Sequence[float | None]], path: Path, *, ylabel: str, title: str
+    groups: Sequence[str], series: dict[str, Sequence[float | None]], path: Path, *, ylabel: str, title: str,
+    wrap: bool = False,
 ) -> Path:
-    """Bars per group (x) and series (colour); ``None`` values are left out."""
+    """Bars per group (x) and series (colour); ``None`` values are left out. ``wrap``: group names
+    (model labels) are wrapped onto lines rather than cut short."""
     plt = _plt()
     n = max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(_width(len(groups), n), 4.2))
+    wide = min(13.0, 1.1 * len(groups) + 2.5) if wrap else 0.0
+    fig, ax = plt.subplots(figsize=(max(_width(len(groups), n), wide), 4.2))
     x = np.arange(len(groups))
     width = 0.8 / n
     for i, (name, values) in enumerate(series.items()):
         ys = [np.nan if v is None else v for v in values]
-        ax.bar(x + (i - (n - 1) / 2) * width, ys, width, label=LABELS.get(name, name))
-    labels = [short(g) for g in groups]
-    slanted = len(groups) > 4 or max(map(len, labels), default=0) > 10  # long labels would overlap
-    ax.set_xticks(x, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
+        ax.bar(x + (i - (n - 1) / 2) * width, ys, width, label=label(name))
+    labels = [textwrap.fill(g, 13) for g in groups] if wrap else [short(g) for g in groups]
+    slanted = not wrap and (len(groups) > 4 or max(map(len, labels), default=0) > 10)  # long labels would overlap
+    ax.set_xticks(x, labels, rotation=30 if slanted else 0, ha="right" if slanted else "center",
+                  fontsize=8 if wrap else None)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
@@ -84,14 +101,16 @@ def error_split(models: Sequence[str], within: Sequence[int], crossing: Sequence
     """Stacked bars: each model's errors that stay inside the true superclass and those that
     cross it, labelled with the crossing share."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(models) + 1.5), 4.0))
+    fig, ax = plt.subplots(figsize=(min(13.0, max(5.5, 1.1 * len(models) + 1.5)), 4.0))
     x = np.arange(len(models))
     ax.bar(x, within, color="C0", label="within the true superclass")
     ax.bar(x, crossing, bottom=within, color="C3", label="crossing superclasses")
+    ax.set_ylim(0, 1.12 * max([w + c for w, c in zip(within, crossing)] + [1]))  # room for the shares
     for xi, w, c in zip(x, within, crossing):
         if w + c:
             ax.text(xi, w + c, f"{100.0 * c / (w + c):.1f}% cross", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [LABELS.get(m, m) for m in models], rotation=15, ha="right")
+    ax.set_xticks(x, [label(m) for m in models], rotation=30 if len(models) > 4 else 15, ha="right",
+                  fontsize=8)
     ax.set_ylabel("misclassified test images")
     ax.set_title("Where the errors go")
     ax.legend(fontsize=8)
@@ -126,7 +145,7 @@ def confusion_panels(
             ax.set_yticks(range(n_r), [short(r, 20) for r in rows], fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(LABELS.get(name, name), fontsize=9)
+        ax.set_title(label(name), fontsize=9)
     fig.suptitle(short(title, 60), fontsize=10)
     return _save(fig, path)
 
@@ -148,13 +167,13 @@ def bytes_bars(names: Sequence[str], ratios: Sequence[float], path: Path, *, tot
 
 
 def accuracy_vs_bytes(points: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Top-1 against total stored bytes (in networks): the scaled-up vanilla at (about) the same
-    bytes as the two-stage model is the comparison that matters."""
+    """Top-1 against total stored bytes (in networks, each model's ``bytes_in_networks``): the
+    scaled-up vanilla at (about) the same bytes as the two-stage model is the comparison that matters."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for i, p in enumerate(points):  # hard and soft routing share their bytes: markers keep both visible
-        ax.scatter([p["networks"]], [p["top1"]], s=90 - 15 * i, marker="osD^v*"[i % 6], color=f"C{i}", zorder=3,
-                   label=f"{LABELS.get(p['model'], p['model'])}: {p['top1']:.2f}%")
+    for i, p in enumerate(points):  # the two-stage routings share their bytes: shrinking markers keep all visible
+        ax.scatter([p["networks"]], [p["top1"]], s=max(110 - 9 * i, 15), marker="osD^v*Ph"[i % 8],
+                   color=f"C{i % 10}", zorder=3, label=f"{label(p['model'])}: {p['top1']:.2f}%")
     if points:
         ax.set_xlim(0, 1.15 * max(p["networks"] for p in points))  # from zero: sizes read as ratios
     ax.set_xlabel("stored bytes (networks)")
@@ -198,7 +217,7 @@ def severity_histogram(hists: dict[str, dict[int, int]], path: Path) -> Path:
     for i, (name, hist) in enumerate(hists.items()):
         total = max(sum(hist.values()), 1)
         xs = np.arange(len(heights)) + (i - (len(hists) - 1) / 2) * width
-        ax.bar(xs, [100.0 * hist.get(h, 0) / total for h in heights], width, label=LABELS.get(name, name))
+        ax.bar(xs, [100.0 * hist.get(h, 0) / total for h in heights], width, label=label(name))
     ax.set_xticks(range(len(heights)), [str(h) for h in heights])
     ax.set_xlabel("LCA height of the mistake")
     ax.set_ylabel("share of errors (%)")

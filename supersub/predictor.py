@@ -1,165 +1,38 @@
 """Two-stage inference over one resident network: superclass first, then its specialist.
 
 The resident network (the paper's generalist, or the vanilla network whose subclass
-probabilities sum to superclass probabilities) stays in device memory; specialists are packed
-deltas in host memory, put onto the resident weights in place for the images routed to them and
-taken off again (:func:`supersub.delta.applied`). Device memory is one network, one materialised
-delta and activations, whatever the number of specialists.
+probabilities sum to superclass probabilities) stays on the device and is never modified.
 
-Routing (:class:`RoutingConfig`):
+* **Trunk once.** Stage one runs every image through the resident network once and keeps the
+  output of the stages before the first delta stage (the *trunk*). A specialist only runs the
+  stages that carry its delta, and its head, on the trunk of the images routed to it: with
+  deltas on ``layer4`` alone, a specialist pass costs ~a fifth of a network.
+* **Specialist weights beside the resident's, not in place.** A specialist's weights for the
+  delta stages are computed from the resident's and its decoded delta
+  (:func:`supersub.delta.specialist_weights`) and the stages run functionally
+  (:meth:`supersub.models.ResNet.forward_stages_with`): same ops as applying the delta in place,
+  bit for bit, but nothing is changed, so threads (Serve's batches) may share one predictor.
+* **Decoded deltas cached by bytes.** Packed deltas stay in host memory; decoded ones (positions
+  and values) are kept in an LRU bounded by ``cache_bytes`` (0: decode on every use, the least
+  memory; evaluation keeps them all).
 
-* ``hard`` — the paper's: the top-1 superclass's specialist answers.
-* ``soft`` — beyond the paper: ``p(sub) ∝ Σ_{s in top-k} p(s) · p_s(sub)``, to recover generalist
-  mistakes. ``p_s`` is specialist ``s``'s softmax; if it was trained with an "other" output
-  (images of other superclasses), the mass it puts there is dropped, so a specialist that does
-  not recognise the image contributes little. A confidence ``threshold`` routes an image to its
-  top superclass alone when ``p(top-1) >= threshold`` (saving specialist passes).
-* ``resident_weight`` α (vanilla resident only) pools the result log-linearly with the resident
-  network's own subclass probabilities inside the routed superclasses:
-  ``log p(sub) = log mix(sub) + α · log p_resident(sub) + const``. The resident forward is stage
-  one anyway, so this costs nothing; α = 0 is the pure two-stage model.
-
-Calibration picks ``k``, ``threshold`` and α on the ``val`` split; numbers are reported on ``test``.
+Routing (which specialists, how answers combine) is :mod:`supersub.routing`'s business.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from supersub.config import field
-from supersub.delta import MaterializedDelta, PackedDelta, applied, materialize
+from supersub.cache import LRU
+from supersub.delta import MaterializedDelta, PackedDelta, get_method, specialist_weights
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import superclass_probs
-from supersub.models import STAGES, ResNet
-
-
-@dataclass
-class RoutingConfig:
-    mode: Literal["hard", "soft"] = field("soft", help="hard: top-1 superclass (the paper); soft: top-k mixture")
-    k: int = field(2, help="soft: number of superclasses whose specialists are mixed")
-    threshold: float = field(1.0, help="soft: route to the top-1 superclass alone when its probability >= threshold")
-    resident_weight: float = field(
-        0.0, help="α: log-linear pooling with the vanilla resident network's subclass probabilities (0 = off)"
-    )
-    calibrate: bool = field(True, help="choose k, threshold and resident_weight on the val split")
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError("routing.k must be at least 1")
-        if not 0 < self.threshold <= 1:
-            raise ValueError("routing.threshold must be in (0, 1]")
-        if self.resident_weight < 0:
-            raise ValueError("routing.resident_weight must be >= 0")
-
-    @classmethod
-    def parse(cls, text: str) -> RoutingConfig:
-        """``hard``, ``soft`` or ``soft:K`` (the CLI's ``--routing``)."""
-        if text == "hard":
-            return cls(mode="hard", k=1, calibrate=False)
-        if text == "soft":
-            return cls(mode="soft")
-        if text.startswith("soft:") and text[5:].isdigit():
-            return cls(mode="soft", k=int(text[5:]))
-        raise ValueError(f"routing must be hard, soft or soft:K, got {text!r}")
-
-
-@dataclass
-class StageOutputs:
-    """Everything routing needs for a batch of ``B`` images, with the top ``K`` superclasses run.
-
-    ``spec_fine[b, r]`` is the softmax of the specialist of superclass ``routes[b, r]`` scattered
-    into fine-class positions (zeros outside that superclass; an "other" output is left out)."""
-
-    super_probs: torch.Tensor  # [B, S]
-    resident_fine: torch.Tensor | None  # [B, C] subclass probabilities of a vanilla resident
-    routes: torch.Tensor  # [B, K] superclass indices, most probable first
-    spec_fine: torch.Tensor  # [B, K, C]
-
-    @staticmethod
-    def cat(parts: list[StageOutputs]) -> StageOutputs:
-        res = [p.resident_fine for p in parts]
-        return StageOutputs(
-            torch.cat([p.super_probs for p in parts]),
-            None if res[0] is None else torch.cat(res),
-            torch.cat([p.routes for p in parts]),
-            torch.cat([p.spec_fine for p in parts]),
-        )
-
-
-def combine(out: StageOutputs, routing: RoutingConfig) -> torch.Tensor:
-    """Fine-class probabilities ``[B, C]`` from stage outputs under a routing configuration."""
-    B, K, _ = out.spec_fine.shape
-    k = 1 if routing.mode == "hard" else min(routing.k, K)
-    w = torch.zeros(B, K)
-    if routing.mode == "hard":
-        w[:, 0] = 1.0
-    else:
-        w[:, :k] = out.super_probs.gather(1, out.routes[:, :k])
-        confident = out.super_probs.gather(1, out.routes[:, :1]).squeeze(1) >= routing.threshold
-        w[confident, 1:] = 0.0
-    mix = (w[:, :, None] * out.spec_fine).sum(1)
-    if routing.resident_weight > 0 and out.resident_fine is not None:
-        logp = mix.clamp_min(1e-30).log() + routing.resident_weight * out.resident_fine.clamp_min(1e-30).log()
-        logp = logp.masked_fill(mix <= 0, float("-inf"))
-        return torch.softmax(logp, 1)
-    return mix / mix.sum(1, keepdim=True).clamp_min(1e-30)
-
-
-@dataclass
-class Plan:
-    """Which specialist answers which image: ``routes [B, K]`` are the superclasses considered per
-    image (most probable first); ``calls[s] = (image indices [m], route slots [m])``."""
-
-    routes: torch.Tensor
-    calls: dict[int, tuple[torch.Tensor, torch.Tensor]]
-
-
-def plan(super_probs: torch.Tensor, routing: RoutingConfig, forced: torch.Tensor | None = None) -> Plan:
-    """Routes for ``super_probs [B, S]``: the top-1 (hard) or top-k (soft) superclasses, where an
-    image whose top-1 probability reaches ``threshold`` needs its top-1 specialist only (``combine``
-    gives its other routes no weight). ``forced [B]`` routes each image to one given superclass
-    (oracle routing)."""
-    if forced is not None:
-        routes = forced.to(super_probs.device).long()[:, None]
-        needed = torch.ones_like(routes, dtype=torch.bool)
-    else:
-        k = 1 if routing.mode == "hard" else min(routing.k, super_probs.shape[1])
-        top = super_probs.topk(k, 1)
-        routes = top.indices
-        needed = torch.zeros(routes.shape, dtype=torch.bool, device=routes.device)
-        needed[:, 0] = True
-        needed[top.values[:, 0] < routing.threshold, 1:] = True
-    calls = {}
-    for s in routes[needed].unique().tolist():
-        b, r = ((routes == s) & needed).nonzero(as_tuple=True)
-        calls[s] = (b, r)
-    return Plan(routes, calls)
-
-
-def assemble(
-    hierarchy: Hierarchy,
-    super_probs: torch.Tensor,
-    resident_fine: torch.Tensor | None,
-    p: Plan,
-    answers: dict[int, torch.Tensor],
-) -> StageOutputs:
-    """:class:`StageOutputs` (on the CPU) from stage one and each called specialist's softmax
-    ``answers[s]`` (rows in the order of ``p.calls[s]``), scattered into fine-class positions; an
-    "other" output is dropped; routes no specialist answered stay zero."""
-    B, K = p.routes.shape
-    spec = torch.zeros(B, K, hierarchy.num_subclasses)
-    for s, (b, r) in p.calls.items():
-        cols = torch.tensor(hierarchy.coarse_to_fine[s])
-        spec[b.cpu()[:, None], r.cpu()[:, None], cols[None, :]] = answers[s][:, : len(cols)].float().cpu()
-    return StageOutputs(
-        super_probs.float().cpu(), None if resident_fine is None else resident_fine.float().cpu(), p.routes.cpu(), spec
-    )
+from supersub.models import STAGES, ResNet, stage_of
+from supersub.routing import Plan, Routing, StageOutputs, assemble, combine, plan
 
 
 class TwoStagePredictor:
@@ -167,7 +40,6 @@ class TwoStagePredictor:
 
     ``deltas`` maps superclass index → :class:`PackedDelta` (kept in host memory).
     ``resident``: ``generalist`` (its head is over superclasses) or ``vanilla`` (over subclasses).
-    ``cache_bytes`` bounds an LRU of materialised deltas on the device (0: decode on each use).
     """
 
     def __init__(
@@ -184,34 +56,38 @@ class TwoStagePredictor:
         missing = sorted(set(range(hierarchy.num_superclasses)) - set(deltas))
         if missing:
             raise ValueError(f"no specialist delta for superclass(es) {missing}")
+        if resident not in ("generalist", "vanilla"):
+            raise ValueError(f"resident must be 'generalist' or 'vanilla', got {resident!r}")
         self.device = torch.device(device)
         self.base = base.to(self.device).eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
         self.hierarchy, self.deltas, self.resident = hierarchy, deltas, resident
         self.amp, self.cache_bytes = amp, cache_bytes
-        stages = {d.meta["first_stage"] for d in deltas.values()}
-        self.first_stage = min(stages)  # stages before it are the shared trunk
-        self._cache: OrderedDict[int, MaterializedDelta] = OrderedDict()
+        self.first_stage = min(int(d.meta["first_stage"]) for d in deltas.values())  # earlier stages: the trunk
+        # The resident's conv weights that a delta may change, by module name.
+        self._weights = {n: m.weight for n, m in self.base.named_modules()
+                         if isinstance(m, nn.Conv2d) and stage_of(n) >= self.first_stage}
+        self._cache: LRU[MaterializedDelta] = LRU(cache_bytes, size=lambda m: m.nbytes)
         self.timings = {"stage1_s": 0.0, "stage2_s": 0.0, "specialist_passes": 0, "images": 0}
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
-    def _delta(self, s: int) -> MaterializedDelta:
-        if s in self._cache:
-            self._cache.move_to_end(s)
-            return self._cache[s]
-        m = materialize(self.deltas[s], self.device)
-        if self.cache_bytes > 0:
-            self._cache[s] = m
-            while sum(d.nbytes for d in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-                self._cache.popitem(last=False)
-        return m
+    def materialized(self, s: int) -> MaterializedDelta:
+        """Superclass ``s``'s decoded delta, from the LRU when it is there."""
+        packed = self.deltas[s]
+        return self._cache.get_or_make(s, lambda: get_method(packed.meta.get("method", "sparse_qat")).materialize(packed, self.device))
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cache.nbytes
 
     @torch.no_grad()
     def stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Shared trunk ``[B, ...]``, superclass probabilities ``[B, S]`` and, for a vanilla
-        resident, its subclass probabilities ``[B, C]``."""
+        """Trunk ``[B, ...]`` (the output of the stages before the first delta stage), superclass
+        probabilities ``[B, S]`` and, for a vanilla resident, its subclass probabilities ``[B, C]``."""
         with self._autocast():
             trunk = self.base.forward_stages(x, 0, self.first_stage)
             logits = self.base.forward_head(self.base.forward_stages(trunk, self.first_stage, len(STAGES))).float()
@@ -222,48 +98,44 @@ class TwoStagePredictor:
 
     @torch.no_grad()
     def specialist(self, s: int, trunk: torch.Tensor, delta: MaterializedDelta | None = None) -> torch.Tensor:
-        """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features (the
-        output of the stages before ``first_stage``). ``delta`` overrides this predictor's own
-        (serving keeps its own cache). Not thread-safe: the delta is applied to ``self.base``."""
-        with applied(self.base, delta or self._delta(s)) as head, self._autocast():
-            h = self.base.forward_stages(trunk, self.first_stage, len(STAGES))
-            return torch.softmax(self.base.forward_head(h, head).float(), 1)
+        """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features ``[b, ...]``
+        (``delta``: an already decoded delta, e.g. from a serving cache)."""
+        d = delta if delta is not None else self.materialized(s)
+        weights = specialist_weights(self._weights, d)
+        with self._autocast():
+            h = self.base.forward_stages_with(trunk, self.first_stage, len(STAGES), weights, d.bn)
+            return torch.softmax(self.base.forward_head(h, d.head).float(), 1)
+
+    @torch.no_grad()
+    def specialists(self, trunk: torch.Tensor, p: Plan) -> dict[int, torch.Tensor]:
+        """Every routed group of a plan: ``{s: softmax [m_s, n_sub(+1)]}`` on its images' trunks."""
+        return {s: self.specialist(s, trunk[b]) for s, (b, _) in p.calls.items()}
 
     # ------------------------------------------------------------------ batches
     @torch.no_grad()
-    def _outputs(self, x: torch.Tensor, routing: RoutingConfig, forced: torch.Tensor | None = None) -> StageOutputs:
+    def _outputs(self, x: torch.Tensor, routing: Routing, forced: torch.Tensor | None = None) -> StageOutputs:
         x = x.to(self.device)
         t0 = time.perf_counter()
         trunk, sup, resident_fine = self.stage1(x)
         t1 = time.perf_counter()
         p = plan(sup, routing, forced)
-        answers = {s: self.specialist(s, trunk[b]) for s, (b, _) in p.calls.items()}
-        out = assemble(self.hierarchy, sup, resident_fine, p, answers)  # copies to the CPU: synchronises
+        out = assemble(self.hierarchy, sup, resident_fine, p, self.specialists(trunk, p))  # copies to the CPU
         self.timings["stage1_s"] += t1 - t0
         self.timings["stage2_s"] += time.perf_counter() - t1
-        self.timings["specialist_passes"] += len(p.calls)
+        self.timings["specialist_passes"] += p.passes
         self.timings["images"] += x.shape[0]
         return out
 
     def run(self, x: torch.Tensor, top: int = 1, forced: torch.Tensor | None = None) -> StageOutputs:
         """Stage one and the specialists of every image's ``top`` most probable superclasses (or
         of the ``forced`` superclass per image: oracle routing), for recombining under several
-        routing configurations (calibration)."""
+        routings (calibration)."""
         top = min(top, self.hierarchy.num_superclasses)
-        return self._outputs(x, RoutingConfig(mode="soft", k=top, calibrate=False), forced)
+        return self._outputs(x, Routing("soft", top) if top > 1 else Routing("hard"), forced)
 
-    def predict(self, x: torch.Tensor, routing: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine probabilities ``[B, C]`` and superclass probabilities ``[B, S]`` for images
-        ``[B, 3, H, W]``, running only the specialists that routing needs."""
+        ``[B, 3, H, W]``, running only the specialists that ``routing`` needs."""
         out = self._outputs(x, routing)
         return combine(out, routing), out.super_probs
 
-
-def permute_head(fc: nn.Linear, old_ids: list[str], new_ids: list[str]) -> None:
-    """Reorders a subclass head's rows from one fine order to another (e.g. to a learned
-    hierarchy's order), exactly, in place."""
-    index = {c: i for i, c in enumerate(old_ids)}
-    order = torch.tensor([index[c] for c in new_ids])
-    with torch.no_grad():
-        fc.weight.copy_(fc.weight[order])
-        fc.bias.copy_(fc.bias[order])

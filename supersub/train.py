@@ -1,6 +1,9 @@
 """The plain PyTorch training loop: ``train_one_epoch``, ``evaluate``, schedules, checkpoints.
 
-Device-agnostic: bf16 autocast and channels_last are used on CUDA (``amp="auto"``), fp32 on CPU.
+Device-agnostic. ``amp="auto"`` uses bf16 autocast where the hardware does bf16 natively (CUDA;
+CPUs with AVX-512 BF16 or AMX) and fp32 elsewhere: on a CPU without them, bf16 is emulated and
+about 2.5x slower than fp32. ``channels_last="auto"`` is on everywhere (on this project's 2-core
+AVX-512 CPU it trains ~1.3x faster; benchmarks/train_throughput.py prints both).
 Every epoch measures images/s, wall time and peak memory (CUDA: ``max_memory_allocated``; CPU:
 the process's peak resident set), because throughput and memory are logged metrics of every run.
 """
@@ -36,8 +39,10 @@ class OptimConfig:
     schedule: Literal["cosine", "onecycle", "constant"] = field("cosine", help="learning-rate schedule")
     warmup_epochs: float = field(1.0, help="linear warm-up epochs (cosine schedule)")
     label_smoothing: float = field(0.1, help="label smoothing of the cross-entropy")
-    amp: Literal["auto", "bf16", "none"] = field("auto", help="autocast: auto = bf16 on CUDA, none on CPU")
-    channels_last: Literal["auto", "on", "off"] = field("auto", help="channels_last memory format (auto: on CUDA)")
+    amp: Literal["auto", "bf16", "none"] = field(
+        "auto", help="autocast: auto = bf16 where the hardware has it (CUDA, CPUs with AVX-512 BF16 / AMX), else fp32"
+    )
+    channels_last: Literal["auto", "on", "off"] = field("auto", help="channels_last memory format (auto: on)")
     grad_clip: float = field(0.0, help="clip the gradient norm (0 = off)")
 
 
@@ -54,14 +59,24 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA; a CPU with AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        return bool(cpu and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()))
+    return False
+
+
 def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
 
 
 def use_channels_last(cfg: OptimConfig, device: torch.device) -> bool:
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    return cfg.channels_last != "off"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -82,9 +97,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> 
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
-    """A per-step schedule (``scheduler.step()`` after every optimizer step)."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int | None = None):
+    """A per-step schedule (``scheduler.step()`` after every optimizer step) over ``total_steps``
+    (default: ``epochs x steps_per_epoch``)."""
+    total = max(1, total_steps if total_steps is not None else cfg.epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":
         peaks = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25)
@@ -126,12 +142,16 @@ def train_one_epoch(
     cfg: OptimConfig,
     *,
     step_hook: Callable[[int], None] | None = None,
+    loss_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    max_steps: int | None = None,
     log: Callable[[str], None] | None = None,
     log_every: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``loader``. Returns loss, top-1 accuracy (%), images/s, seconds, peak MiB.
+    """One pass over ``loader`` (at most ``max_steps`` batches). Returns loss, top-1 accuracy (%),
+    images/s, seconds, peak MiB and images seen.
 
-    ``step_hook(step)`` runs after each optimizer step (e.g. the delta's pruning schedule).
+    ``step_hook(step)`` runs after each optimizer step (e.g. the delta's pruning schedule);
+    ``loss_hook(logits, y, x) -> loss`` replaces the loss function (e.g. distillation).
     """
     model.train()
     dtype = amp_dtype(cfg, device)
@@ -141,10 +161,12 @@ def train_one_epoch(
     seen = 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
         x, y = _to_device(x, y, device, cl)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_hook(logits.float(), y, x) if loss_hook else loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -81,12 +81,12 @@ CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs")
 def test_every_shipped_config_file_loads(path):
     """Pipeline configs load as PipelineConfig; study files load with every variant applied."""
     from jobs.study import load_study
-    from supersub.pipeline import PipelineConfig
+    from supersub.pipeline_config import PipelineConfig
 
     if path.name.startswith("study_"):
         base, variants = load_study(path)
-        for overrides in variants.values():
-            load_config(PipelineConfig, base, overrides)
+        for v in variants.values():
+            load_config(PipelineConfig, base, v["overrides"])
     else:
         load_config(PipelineConfig, path)
 
@@ -96,21 +96,8 @@ def test_config_files_exist():
     assert {"default.yaml", "tiny_imagenet.yaml", "imagenet_paper10.yaml"} <= names
 
 
-def test_study_refuses_variants_that_change_shared_networks(tmp_path):
-    from jobs.study import load_study
-
-    base = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
-    study = tmp_path / "s.yaml"
-    study.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2]\n  b: [train.epochs=3]\n")
-    with pytest.raises(ConfigError, match="variant b changes train.epochs"):
-        load_study(study)
-    study.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2, data.hierarchy=learned:2]\n")
-    path, variants = load_study(study)
-    assert path == base and variants == {"a": ["delta.bits=2", "data.hierarchy=learned:2"]}
-
-
 def test_partial_section_keeps_that_sections_own_defaults():
-    from supersub.pipeline import PipelineConfig
+    from supersub.pipeline_config import PipelineConfig
 
     cfg = load_config(PipelineConfig, None, ["specialist.optim.epochs=2", "model.width=0.5"])
     default = PipelineConfig()
@@ -120,30 +107,40 @@ def test_partial_section_keeps_that_sections_own_defaults():
     assert cfg.model.backbone == default.model.backbone == "resnet10"
 
 
-def test_study_keeps_results_written_by_a_concurrent_study(tmp_path, monkeypatch):
-    """Two study processes on one folder (different variants) both end up in study.json."""
-    import json
+def test_yaml_on_and_off_mean_the_words():
+    """YAML 1.1 reads a bare on/off as true/false; an option whose values are on/off takes either."""
+    from supersub.pipeline_config import PipelineConfig
 
-    import jobs.study as study
+    assert load_config(PipelineConfig, None, ["train.channels_last=on"]).train.channels_last == "on"
+    assert load_config(PipelineConfig, None, ["train.channels_last=off"]).train.channels_last == "off"
 
-    def fake_run(cfg, out, runner, shared_dir):
-        if cfg.name == "b":  # the other process finished variant "c" while this one ran "b"
-            summary = out.parent / "study.json"
-            summary.write_text(json.dumps({"study": "x", "results": {**json.loads(summary.read_text())["results"],
-                                                                     "c": metrics("c")}}))
-        return metrics(cfg.name)
 
-    def metrics(name):
-        top = {"top1": 1.0, "crossing_error_share": 0.0}
-        return {"name": name, "models": {"vanilla": top, "two_stage_hard": top, "two_stage_soft": top,
-                                         "two_stage_oracle": top, "stage1": {"superclass_acc": 1.0}},
-                "bytes": {"mean_specialist_ratio": 0.03, "total_in_networks": 1.1},
-                "routing": {"soft": {"k": 2, "resident_weight": 0.0}}}
+@pytest.mark.parametrize("override,message", [
+    ("evaluation.serve=soft:2@7", "routing"),
+    ("baselines.ensemble=many", "ensemble"),
+    ("resources.specialist_cpus=-1", "specialist_cpus"),
+    ("delta.method=lora", "delta.method"),
+    ("data.loader=ray_data", "ray_data needs resources.runner=ray"),
+])
+def test_settings_that_cannot_work_are_refused_at_load(override, message):
+    from supersub.pipeline_config import PipelineConfig
 
-    base = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
-    spec = tmp_path / "s.yaml"
-    spec.write_text(f"config: {base}\nvariants:\n  a: [delta.bits=2]\n  b: [delta.bits=8]\n  c: [delta.bits=3]\n")
-    monkeypatch.setattr(study, "run_pipeline", fake_run)
-    assert study.main(["--study", str(spec), "--out", str(tmp_path / "out"), "--variants", "a,b"]) == 0
-    results = json.loads((tmp_path / "out" / "study.json").read_text())["results"]
-    assert set(results) == {"a", "b", "c"}
+    extra = ["resources.runner=local"] if "ray_data" in override else []
+    with pytest.raises(ConfigError, match=message):
+        load_config(PipelineConfig, None, [override, *extra])
+
+
+def test_paths_are_made_absolute_once_at_the_entry_point(tmp_path, monkeypatch):
+    import os
+
+    from supersub.pipeline_config import PipelineConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(PipelineConfig, None, [
+        "data.source=../data/tiny", "data.hierarchy=h.json", "data.imagenet_meta=meta", "data.cache_dir=cache",
+        "resources.storage_path=s3://bucket/ray"]))
+    assert cfg.data.source == os.path.abspath(tmp_path / ".." / "data" / "tiny")
+    assert cfg.data.hierarchy == str(tmp_path / "h.json") and cfg.data.imagenet_meta == str(tmp_path / "meta")
+    assert cfg.resources.storage_path == "s3://bucket/ray"  # URIs untouched
+    synthetic = absolute_paths(load_config(PipelineConfig, None, []))
+    assert synthetic.data.source.startswith("synthetic:") and synthetic.data.hierarchy == "synthetic"

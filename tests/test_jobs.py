@@ -76,12 +76,12 @@ def test_default_tracking_uri(tmp_path: Path, monkeypatch) -> None:
 
 def test_ray_data_loader_matches_core_targets() -> None:
     """The worker-side Ray Data loader over a stand-in shard: the epoch's rows and targets are
-    exactly supersub.loaders.select's, training epochs have len() full batches."""
+    exactly supersub.data.loaders.select's, training epochs have len() full batches."""
     import numpy as np
     import torch
 
     from jobs.ray_data import RayDataLoader, needed_rows
-    from supersub.loaders import LoaderSpec, select
+    from supersub.data.loaders import LoaderSpec, select
 
     fine = np.repeat(np.arange(6), 10)  # 6 classes, 10 images each; superclass = class // 3
     coarse = fine // 3

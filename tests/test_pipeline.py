@@ -1,17 +1,22 @@
-"""The in-process pipeline (no Ray): end to end on tiny synthetic data, resume, variants."""
+"""The in-process pipeline (no Ray): end to end on tiny synthetic data, controls and costs, task
+fingerprints on reruns, the CLI reproducing metrics.json, retries and partial failure."""
 
 import json
 
 import pytest
 
 from supersub.bundle import load_bundle
-from supersub.config import ConfigError, load_config
-from supersub.pipeline import PipelineConfig, run_pipeline
+from supersub.config import load_config
+from supersub.data import load_manifest
+from supersub.pipeline import run_pipeline
+from supersub.pipeline_config import PipelineConfig
+from supersub.runner import LocalRunner, TaskFailed
 
 TINY = [
     "resources.runner=local",
     "tracking.enabled=false",
-    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16",
+    "report=false",
+    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16,confusion=0.1",
     "data.image_size=16",
     "data.num_workers=0",
     "model.width=0.125",
@@ -19,6 +24,7 @@ TINY = [
     "train.batch_size=32",
     "specialist.optim.epochs=2",
     "specialist.optim.batch_size=32",
+    "evaluation.bootstrap=50",
 ]
 
 
@@ -26,60 +32,147 @@ def tiny(*overrides):
     return load_config(PipelineConfig, "jobs/configs/default.yaml", [*TINY, *overrides])
 
 
+def quiet(_line):
+    pass
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    logs = []
-    metrics = run_pipeline(tiny(), out, log=logs.append)
-    return out, metrics, logs
+    cfg = tiny("baselines.vanilla_long=true", "baselines.delta_all=true", "baselines.ensemble=2")
+    return out, cfg, run_pipeline(cfg, out, log=quiet)
 
 
 @pytest.mark.slow
 def test_pipeline_writes_bundle_metrics_config_predictions(default_run):
-    out, metrics, _ = default_run
+    out, _, metrics = default_run
     assert (out / "config.yaml").is_file() and (out / "predictions.parquet").is_file()
-    on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk["models"]["two_stage_soft"]["top1"] == metrics["models"]["two_stage_soft"]["top1"]
-    for name in ("vanilla", "two_stage_hard", "two_stage_soft", "two_stage_oracle"):
-        assert 0 <= metrics["models"][name]["top1"] <= 100
+    assert json.loads((out / "metrics.json").read_text())["models"] == metrics["models"]
     bundle = load_bundle(out / "bundle")
     assert bundle.resident == "vanilla" and len(bundle.load_deltas()) == 3
+    assert {k: str(v) for k, v in bundle.routings.items()} == metrics["routing"]
+    assert str(bundle.routing()) == metrics["serves"]["routing"]
     assert metrics["bytes"]["mean_specialist_ratio"] < 0.2
-    # the calibrated routing is what the bundle serves with
-    assert bundle.routing().k == metrics["routing"]["soft"]["k"]
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages_and_refuses_changed_ones(default_run):
-    out, metrics, _ = default_run
-    logs = []
-    again = run_pipeline(tiny(), out, log=logs.append)
-    assert any("vanilla: done earlier, skipped" in line for line in logs)
-    assert sum("done earlier, skipped" in line for line in logs) == 4  # vanilla + 3 specialists
-    assert again["models"]["two_stage_soft"] == metrics["models"]["two_stage_soft"]
-    with pytest.raises(ConfigError, match="other settings"):
-        run_pipeline(tiny("train.epochs=3"), out, log=logs.append)
+def test_every_model_comes_with_its_cost_and_the_controls_are_equal_cost(default_run):
+    _, _, metrics = default_run
+    models = metrics["models"]
+    for name in ("vanilla", "vanilla_long", "delta_all", "delta_all_pooled", "ensemble", "two_stage_hard",
+                 "two_stage_soft", "two_stage_hard_pooled", "two_stage_soft_pooled", "two_stage_oracle"):
+        m = models[name]
+        assert 0 <= m["top1"] <= 100, name
+        for key in ("bytes_in_networks", "train_images", "flops_per_image"):
+            assert m[key] > 0, (name, key)
+    vanilla = models["vanilla"]
+    assert vanilla["bytes_in_networks"] == 1.0 and vanilla["flops_ratio"] == 1.0
+    # equal training images: vanilla_long and delta_all against the two-stage model (to one batch)
+    two = models["two_stage_hard"]
+    assert abs(models["vanilla_long"]["train_images"] - two["train_images"]) < 32
+    assert abs(models["delta_all"]["train_images"] - two["train_images"]) < 32
+    assert two["train_images"] == vanilla["train_images"] + sum(s["train_images"] for s in metrics["specialists"])
+    assert models["ensemble"]["members"] == 2 and models["ensemble"]["flops_ratio"] == pytest.approx(2.0)
+    # FLOPs: stage one plus one pass per image (deltas on every stage: a pass is a whole network)
+    assert two["flops_ratio"] == pytest.approx(1 + metrics["flops"]["specialist_pass"] / metrics["flops"]["network"])
+    assert two["routing"] == "hard" and models["two_stage_soft_pooled"]["routing"] == metrics["routing"]["soft_pooled"]
+    d = two["delta_vs_vanilla"]
+    assert d["low"] <= d["delta"] <= d["high"]
+    # the chance level of the crossing share: (C - n) / (C - 1) for superclasses of n of C classes
+    assert vanilla["crossing_error_chance"] == pytest.approx(100 * 6 / 8)
 
 
 @pytest.mark.slow
-def test_evaluate_cli_reproduces_the_pipeline_numbers(default_run, capsys):
+def test_evaluate_cli_reproduces_metrics_json_exactly(default_run, capsys):
     from supersub.cli import main
 
-    out, metrics, _ = default_run
+    out, _, metrics = default_run
     assert main(["evaluate", "--bundle", str(out / "bundle"), "--data", str(out / "data"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == "test"
-    for name in ("vanilla", "two_stage_soft", "two_stage_oracle"):
-        assert result["models"][name]["top1"] == pytest.approx(metrics["models"][name]["top1"], abs=1e-6)
+    for name in ("vanilla", "two_stage_hard", "two_stage_soft", "two_stage_hard_pooled", "two_stage_soft_pooled",
+                 "two_stage_oracle"):
+        assert result["models"][name]["top1"] == metrics["models"][name]["top1"], name
+    assert result["models"]["two_stage_soft"]["routing"] == metrics["routing"]["soft"]
 
 
 @pytest.mark.slow
-def test_paper_generalist_and_learned_hierarchy(tmp_path):
-    own = run_pipeline(tiny("generalist.kind=own", "specialist.negatives=0", "baselines.scaled=true",
-                            "baselines.scaled_width=0.25"), tmp_path / "own", log=lambda s: None)
+def test_rerun_reuses_exactly_the_unchanged_tasks(default_run):
+    out, cfg, metrics = default_run
+    logs = []
+    again = run_pipeline(cfg, out, log=logs.append)
+    reused = [line for line in logs if "reused" in line]
+    assert len(reused) == 2 + 3 + 1 + 1  # vanilla + the second ensemble member, 3 specialists, delta_all, vanilla_long
+    assert not any("epoch" in line for line in logs)
+    for name, m in metrics["models"].items():  # the same numbers, but for timings
+        assert {k: v for k, v in again["models"][name].items() if k != "latency_ratio"} == \
+            {k: v for k, v in m.items() if k != "latency_ratio"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change,retrained", [
+    ("data.max_train_per_class=20", "vanilla: data.manifest"),
+    ("data.source=synthetic:superclasses=3,subclasses=3,per_class=30,size=16,confusion=0.1", "vanilla: data.manifest"),
+    ("train.lr=0.05", "vanilla: optim.lr"),
+])
+def test_changed_data_or_settings_retrain_and_keep_the_old(tmp_path, change, retrained):
+    out = tmp_path / "run"
+    run_pipeline(tiny(), out, log=quiet)
+    logs = []
+    run_pipeline(tiny(change), out, log=logs.append)
+    assert any(line.startswith(retrained) and "training anew" in line for line in logs), logs
+    # the specialists start from the new vanilla network: its hash is part of their identity
+    assert any(line.startswith("specialist_0:") and "inputs.resident" in line for line in logs)
+    assert len(list((out / "tasks").glob("vanilla-*"))) == 2  # the earlier one stays
+    if "max_train" in change:
+        m = load_manifest(out / "data")
+        assert m.counts()["train"] == 9 * 20
+
+
+@pytest.mark.slow
+def test_paper_generalist_specialists_from_vanilla_and_learned_hierarchy(tmp_path):
+    own = run_pipeline(tiny("generalist.kind=own", "specialist.negatives=0", "specialist.init=vanilla",
+                            "evaluation.serve=hard", "baselines.scaled=true", "baselines.scaled_width=0.25"),
+                       tmp_path / "own", log=quiet)
     assert "generalist" in own["models"] and "vanilla_scaled" in own["models"]
-    assert load_bundle(tmp_path / "own" / "bundle").resident == "generalist"
-    learned = run_pipeline(tiny("data.hierarchy=learned:2", "data.learned_from=synthetic"), tmp_path / "learned",
-                           log=lambda s: None)
-    assert learned["hierarchy"]["name"] == "learned:2" and len(learned["hierarchy"]["sizes"]) == 2
-    assert sum(learned["hierarchy"]["sizes"]) == 9
+    assert "two_stage_soft_pooled" not in own["models"]  # pooling needs a vanilla resident
+    bundle = load_bundle(tmp_path / "own" / "bundle")
+    assert bundle.resident == "generalist" and str(bundle.routing()) == "hard"  # serve=hard ships hard routing
+    assert own["serves"] == {"model": "two_stage_hard", "routing": "hard"}
+    init = json.loads((tmp_path / "own" / "tasks" / next(
+        p.name for p in (tmp_path / "own" / "tasks").iterdir() if p.name.startswith("specialist_0"))
+        / "task.json").read_text())
+    assert init["identity"]["inputs"]["init"]  # started from the vanilla network
+    logs = []
+    learned = run_pipeline(tiny("data.hierarchy=learned:2", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
+    assert learned["hierarchy"]["name"] == "learned:2" and sum(learned["hierarchy"]["sizes"]) == 9
+    logs.clear()
+    run_pipeline(tiny("data.hierarchy=learned:3", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
+    assert any(line.startswith("learned_3: running") for line in logs)  # another K: learned anew
+    assert any("vanilla: done earlier" in line for line in logs)  # the vanilla network is the same task
+
+
+@pytest.mark.slow
+def test_local_runner_retries_then_reports_the_failed_task(tmp_path):
+    calls = []
+
+    def flaky(task, epoch):
+        calls.append((task.name, epoch))
+        first = (task.name, epoch) == ("specialist_0", 1) and calls.count(("specialist_0", 1)) == 1
+        if task.name == "specialist_1" or first:
+            raise RuntimeError(f"injected failure in {task.name}")
+
+    runner = LocalRunner("cpu", retries=1, log=quiet, epoch_hook=flaky)
+    with pytest.raises(TaskFailed) as e:
+        run_pipeline(tiny(), tmp_path / "run", runner=runner, log=quiet)
+    assert list(e.value.failures) == ["specialist_1"] and "specialist_1 failed" in e.value.first_line
+    tasks = tmp_path / "run" / "tasks"
+    done = {p.name.split("-")[0] for p in tasks.iterdir() if (p / "metrics.json").is_file()}
+    assert done == {"vanilla", "specialist_0", "specialist_2"}  # the others finished and were saved
+    # failed once after epoch 1 (checkpointed), retried from there
+    assert calls.count(("specialist_0", 1)) == 1 and ("specialist_0", 2) in calls
+    # a rerun retries only what failed
+    logs = []
+    run_pipeline(tiny(), tmp_path / "run", log=logs.append)
+    assert [line.split(":")[0] for line in logs if ": running in" in line] == ["specialist_1"]
+    assert any("specialist_1: resumed after epoch 2" in line for line in logs)  # from its checkpoint

@@ -1,14 +1,17 @@
-"""Two-stage predictor: routing maths, one resident network, memory independent of N."""
+"""Two-stage predictor: routing maths, bit-for-bit equality with the in-place delta path, one
+resident network whatever the number of specialists, the routing spelling."""
 
 import copy
+import threading
 
 import pytest
 import torch
 
-from supersub.delta import DeltaConfig, add_delta, export_delta
+from supersub.delta import DeltaConfig, add_delta, applied, export_delta, materialize
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
-from supersub.models import ModelConfig, build_model
-from supersub.predictor import RoutingConfig, StageOutputs, TwoStagePredictor, combine
+from supersub.models import STAGES, ModelConfig, build_model
+from supersub.predictor import TwoStagePredictor
+from supersub.routing import HARD, Routing, StageOutputs, combine, plan, specialist_passes
 
 
 def make_hierarchy(n_super=3, base_size=3):
@@ -21,10 +24,14 @@ def make_hierarchy(n_super=3, base_size=3):
     )
 
 
-def make_predictor(h, resident="vanilla", stages=("layer3", "layer4"), other=True, seed=0):
+def make_predictor(h, resident="vanilla", stages=("layer3", "layer4"), other=True, seed=0, **kwargs):
     torch.manual_seed(seed)
     n_out = h.num_subclasses if resident == "vanilla" else h.num_superclasses
     base = build_model(ModelConfig(backbone="resnet10", width=0.25), n_out, 32).eval()
+    for m in base.modules():  # non-trivial BN statistics, so that BN handling matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_var.data.uniform_(0.5, 2.0)
     cfg = DeltaConfig(keep=0.2, bits=4, stages=list(stages))
     deltas = {}
     for s, sup in enumerate(h.superclasses):
@@ -33,7 +40,46 @@ def make_predictor(h, resident="vanilla", stages=("layer3", "layer4"), other=Tru
         for d in layers:
             d.delta.data.normal_(0, 0.05)
         deltas[s] = export_delta(spec, cfg, s)
-    return TwoStagePredictor(copy.deepcopy(base), h, deltas, resident), base, deltas
+    return TwoStagePredictor(copy.deepcopy(base), h, deltas, resident, **kwargs), base, deltas
+
+
+@pytest.mark.parametrize("stages", [("layer4",), ("layer3", "layer4"), tuple(STAGES)])
+def test_specialist_equals_the_in_place_path_bit_for_bit(stages):
+    """The predictor computes a specialist's weights beside the resident's; the reference puts the
+    delta onto the network in place (supersub.delta.applied) and runs its own forward."""
+    h = make_hierarchy()
+    pred, base, deltas = make_predictor(h, stages=stages)
+    x = torch.randn(7, 3, 32, 32)
+    trunk, _, _ = pred.stage1(x)
+    reference = copy.deepcopy(base)
+    for s in range(h.num_superclasses):
+        got = pred.specialist(s, trunk)
+        with torch.no_grad(), applied(reference, materialize(deltas[s])) as head:
+            h_ref = reference.forward_stages(trunk, pred.first_stage, len(STAGES))
+            want = torch.softmax(reference.forward_head(h_ref, head), 1)
+        assert torch.equal(got, want), s
+    # the resident network was never changed
+    for a, b in zip(pred.base.state_dict().values(), base.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_concurrent_predictions_equal_serial_ones():
+    """Nothing is applied in place, so threads may share one predictor (Serve's batches)."""
+    h = make_hierarchy(4)
+    pred, _, _ = make_predictor(h)
+    xs = [torch.randn(5, 3, 32, 32) for _ in range(6)]
+    serial = [pred.predict(x, Routing("soft", 3))[0] for x in xs]
+    got = [None] * len(xs)
+
+    def work(i):
+        got[i] = pred.predict(xs[i], Routing("soft", 3))[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got, serial))
 
 
 @pytest.mark.parametrize("resident", ["vanilla", "generalist"])
@@ -41,9 +87,8 @@ def test_soft_routing_with_all_superclasses_is_the_full_mixture(resident):
     h = make_hierarchy()
     pred, _, _ = make_predictor(h, resident, other=False)
     x = torch.randn(6, 3, 32, 32)
-    probs, sup = pred.predict(x, RoutingConfig(mode="soft", k=h.num_superclasses))
-    # full mixture by hand: p(sub) = sum_s p(s) p(sub | s)
-    expected = torch.zeros(6, h.num_subclasses)
+    probs, sup = pred.predict(x, Routing("soft", h.num_superclasses))
+    expected = torch.zeros(6, h.num_subclasses)  # p(sub) = sum_s p(s) p(sub | s), by hand
     trunk, sup_ref, _ = pred.stage1(x)
     for s, members in enumerate(h.coarse_to_fine):
         expected[:, members] = sup_ref[:, s : s + 1] * pred.specialist(s, trunk)
@@ -55,7 +100,7 @@ def test_hard_routing_answers_inside_the_top_superclass():
     h = make_hierarchy()
     pred, _, _ = make_predictor(h)
     x = torch.randn(8, 3, 32, 32)
-    probs, sup = pred.predict(x, RoutingConfig(mode="hard"))
+    probs, sup = pred.predict(x, HARD)
     coarse = torch.tensor(h.fine_to_coarse)
     assert torch.equal(coarse[probs.argmax(1)], sup.argmax(1))
     trunk, _, _ = pred.stage1(x)
@@ -72,13 +117,16 @@ def test_threshold_routes_confident_images_to_one_specialist():
     out = pred.run(x, 2)
     top1 = out.super_probs.max(1).values
     t = float(top1.median())
-    probs = combine(out, RoutingConfig(mode="soft", k=2, threshold=t))
-    hard = combine(out, RoutingConfig(mode="hard"))
+    routing = Routing("soft", 2, t)
+    probs, hard = combine(out, routing), combine(out, HARD)
     confident = top1 >= t
     assert confident.any() and (~confident).any()
     assert torch.allclose(probs[confident], hard[confident])
-    # predict() with a threshold gives the same answer as recombining a full top-2 run
-    got, _ = pred.predict(x, RoutingConfig(mode="soft", k=2, threshold=t))
+    # only the unsure images pay a second pass, and predict() runs exactly those
+    p = plan(out.super_probs, routing)
+    assert p.passes == int(confident.sum()) + 2 * int((~confident).sum())
+    assert specialist_passes(out, routing) == pytest.approx(p.passes / 8)
+    got, _ = pred.predict(x, routing)
     assert torch.allclose(got, probs, atol=1e-6)
 
 
@@ -89,9 +137,8 @@ def test_resident_weight_pools_with_vanilla_probabilities():
         routes=torch.tensor([[0, 1]]),
         spec_fine=torch.tensor([[[0.6, 0.4, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]]),
     )
-    plain = combine(out, RoutingConfig(mode="hard"))
-    assert int(plain.argmax()) == 0
-    pooled = combine(out, RoutingConfig(mode="hard", resident_weight=1.0))
+    assert int(combine(out, HARD).argmax()) == 0
+    pooled = combine(out, Routing.parse("hard+1"))
     assert int(pooled.argmax()) == 1  # 0.4*0.5 > 0.6*0.1
     assert pooled[0, 2:].sum() == 0  # still inside the routed superclass
 
@@ -104,64 +151,35 @@ def test_other_output_lowers_a_specialists_weight():
         routes=torch.tensor([[0, 1]]),
         spec_fine=torch.tensor([[[0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.9, 0.1]]]),
     )
-    assert int(combine(out, RoutingConfig(mode="soft", k=2)).argmax()) == 2
+    assert int(combine(out, Routing("soft", 2)).argmax()) == 2
 
 
 def make_flat_hierarchy(n_super, n_classes=12):
     per = n_classes // n_super
-    return Hierarchy(
-        "flat",
-        tuple(
-            Superclass(f"S{i}", f"S{i}", tuple(Subclass(f"c{i * per + j}", "c") for j in range(per)))
-            for i in range(n_super)
-        ),
-    )
+    return Hierarchy("flat", tuple(
+        Superclass(f"S{i}", f"S{i}", tuple(Subclass(f"c{i * per + j}", "c") for j in range(per))) for i in range(n_super)
+    ))
 
 
-def test_predictor_memory_does_not_grow_with_the_number_of_specialists(monkeypatch):
-    import gc
-    import weakref
-
-    import supersub.predictor as predictor_module
-
-    live = weakref.WeakSet()
-    most_alive = []
-    real_materialize, real_applied = predictor_module.materialize, predictor_module.applied
-
-    def tracking_materialize(packed, device):
-        m = real_materialize(packed, device)
-        live.add(m)
-        return m
-
-    def tracking_applied(model, delta):
-        gc.collect()
-        most_alive.append(len(live))
-        return real_applied(model, delta)
-
-    monkeypatch.setattr(predictor_module, "materialize", tracking_materialize)
-    monkeypatch.setattr(predictor_module, "applied", tracking_applied)
-
+def test_device_memory_is_one_network_whatever_the_number_of_specialists():
     def device_bytes(pred):
         tensors = list(pred.base.parameters()) + list(pred.base.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    sizes = {}
     for n_super in (2, 6):  # same 12 subclasses, 2 or 6 specialists
-        pred, _, _ = make_predictor(make_flat_hierarchy(n_super))
-        pred.predict(torch.randn(32, 3, 32, 32), RoutingConfig(mode="soft", k=n_super))
-        sizes[n_super] = device_bytes(pred)
-        assert pred._cache == {}
-    assert sizes[2] == sizes[6]  # one resident network, whatever N
-    assert most_alive and max(most_alive) == 1  # one materialised delta at a time
+        pred, base, _ = make_predictor(make_flat_hierarchy(n_super))  # cache_bytes=0: decode on each use
+        pred.predict(torch.randn(32, 3, 32, 32), Routing("soft", n_super))
+        assert device_bytes(pred) == sum(t.numel() * t.element_size() for t in base.state_dict().values())
+        assert pred.cached_bytes == 0 and len(pred._cache) == 0
 
 
-def test_lru_cache_is_bounded_by_bytes():
+def test_decoded_delta_cache_is_bounded_by_bytes():
     h = make_hierarchy(4)
     pred, _, _ = make_predictor(h)
-    one = pred._delta(0).nbytes
-    pred.cache_bytes = int(2.5 * one)
-    pred.predict(torch.randn(16, 3, 32, 32), RoutingConfig(mode="soft", k=4))
-    assert 1 <= len(pred._cache) <= 2
+    one = pred.materialized(0).nbytes
+    pred._cache.max_bytes = int(2.5 * one)
+    pred.predict(torch.randn(16, 3, 32, 32), Routing("soft", 4))
+    assert 1 <= len(pred._cache) <= 2 and pred.cached_bytes <= 2.5 * one
 
 
 def test_missing_specialist_is_an_error():
@@ -172,8 +190,22 @@ def test_missing_specialist_is_an_error():
         TwoStagePredictor(base, h, deltas, "vanilla")
 
 
-def test_routing_parse():
-    assert RoutingConfig.parse("hard").mode == "hard"
-    assert RoutingConfig.parse("soft:3").k == 3
-    with pytest.raises(ValueError):
-        RoutingConfig.parse("soft:x")
+@pytest.mark.parametrize("text,expected", [
+    ("hard", Routing("hard", 1, 1.0, 0.0)),
+    ("hard+0.5", Routing("hard", 1, 1.0, 0.5)),
+    ("soft", Routing("soft", 2, 1.0, 0.0)),
+    ("soft:3", Routing("soft", 3, 1.0, 0.0)),
+    ("soft:2@0.7", Routing("soft", 2, 0.7, 0.0)),
+    ("soft:2@0.7+0.5", Routing("soft", 2, 0.7, 0.5)),
+])
+def test_routing_compact_form_round_trips(text, expected):
+    r = Routing.parse(text)
+    assert r == expected
+    assert Routing.parse(str(r)) == r
+
+
+@pytest.mark.parametrize("text", ["soft:x", "hard:2", "hard@0.5", "soft:0", "soft:2@1.5", "soft:2@0", "soft+inf",
+                                  "soft+nan", "soft+-1", "soft:2@nan", "", "magic"])
+def test_routing_compact_form_refuses_bad_values(text):
+    with pytest.raises(ValueError, match="routing"):
+        Routing.parse(text)

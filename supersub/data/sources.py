@@ -253,6 +253,31 @@ def _parse_params(text: str, where: str) -> dict[str, str]:
     return params
 
 
+def check_source(spec: str, *, download: bool = False) -> str:
+    """Checks a source spec without reading the source (what can fail before a job starts):
+    synthetic parameters parse, paths and globs exist. Returns the spec, stripped."""
+    spec = str(spec).strip()
+    if not spec:
+        raise DataError(f"empty source spec; expected {SOURCE_SPECS_HELP}")
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from supersub.data.synthetic import SyntheticSpec  # synthetic imports this module
+
+        SyntheticSpec.from_params(_parse_params(spec[len("synthetic:") :], "synthetic"))
+        return spec
+    if spec.startswith("cifar100:"):
+        root = Path(spec.split(":", 1)[1])
+        if not download and not (root / "cifar-100-python").is_dir():
+            raise DataError(f"CIFAR-100 not found at {root}/cifar-100-python (pass download to fetch it)")
+        return spec
+    path = spec.split(":", 1)[1] if spec.startswith(("parquet:", "folder:")) else spec
+    if any(ch in path for ch in "*?["):
+        if not any(f.endswith(".parquet") for f in glob.iglob(path, recursive=True)):
+            raise DataError(f"no Parquet files match {path!r}")
+    elif not Path(path).exists():
+        raise DataError(f"source not found: {path} (expected {SOURCE_SPECS_HELP})")
+    return spec
+
+
 def open_source(spec: str | ImageSource, *, download: bool = False, imagenet_meta: str | Path | None = None) -> ImageSource:
     """Opens a source from its spec (see the module docstring); the folder kind is auto-detected.
 
@@ -265,9 +290,7 @@ def open_source(spec: str | ImageSource, *, download: bool = False, imagenet_met
     """
     if isinstance(spec, ImageSource):
         return spec
-    spec = str(spec).strip()
-    if not spec:
-        raise DataError(f"empty source spec; expected {SOURCE_SPECS_HELP}")
+    spec = check_source(spec, download=download)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from supersub.data.synthetic import SyntheticSource, SyntheticSpec  # synthetic imports this module
 

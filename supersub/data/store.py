@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from supersub.cache import LRU
 from supersub.data.images import Decoded, decode_image
 from supersub.errors import DataError
 
@@ -86,8 +86,8 @@ class ParquetStore(ImageStore):
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._files: dict[str, tuple[Any, np.ndarray, bool]] = {}  # path → (ParquetFile, row starts, has path)
-        self._cache: OrderedDict[tuple[str, int], tuple[Any, list[str | None] | None, int]] = OrderedDict()
-        self._cached = 0
+        # (path, row group) → (image bytes column, paths); bounded by the bytes it holds.
+        self._cache: LRU[tuple[Any, list[str | None] | None]] = LRU(self.cache_bytes, size=lambda v: v[0].nbytes)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -115,8 +115,7 @@ class ParquetStore(ImageStore):
         key = (path, rg)
         hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
-            return hit[0], hit[1]
+            return hit
         pf, _, has_path = self._file(path)
         cols = ["image.bytes", "image.path"] if has_path else ["image.bytes"]
         image = pf.read_row_group(rg, columns=cols).column("image").combine_chunks()
@@ -124,13 +123,7 @@ class ParquetStore(ImageStore):
         children = dict(zip((f.name for f in image.type), image.flatten()))
         data = children["bytes"]
         names = children["path"].to_pylist() if has_path else None
-        size = data.nbytes
-        self._cache[key] = (data, names, size)
-        self._cached += size
-        while self._cached > self.cache_bytes and len(self._cache) > 1:
-            _, (_, _, old) = self._cache.popitem(last=False)
-            self._cached -= old
-        return data, names
+        return self._cache.put(key, (data, names))
 
     def read_bytes(self, uri: str) -> tuple[bytes | None, str | None]:
         if os.getpid() != self._pid:  # forked: ParquetFile handles must not be shared

@@ -10,6 +10,11 @@ hue. The parameters are drawn so that the class hierarchy is visible in pixel sp
 * a **subclass** is a small variation of its superclass: texture frequency, texture
   orientation, lobe amplitude ``a`` and a hue shift, each laid out on a Latin hypercube inside
   the superclass so that every two siblings differ in all four cues, but only slightly;
+* with ``confusion`` > 0, some images of a class are drawn in the *next* superclass's family
+  (its lobes, texture, hue and saturation) while keeping their own subclass cues: look-alikes
+  across superclasses, as ImageNet has them (a husky that looks like a wolf). Subclass ``j`` of
+  ``n`` does so with probability ``2 · confusion · (j + ½) / n``, so some classes are confused
+  with the neighbouring superclass far more than others, and superclass routing makes mistakes;
 * an **image** is its class's object under random translation, scale, rotation of the outline,
   colour jitter, contrast, a faint background wave and Gaussian pixel noise, plus a jitter of the
   four subclass cues whose width is ``difficulty`` × a fixed base. Siblings' cue distributions
@@ -58,6 +63,7 @@ class SyntheticSpec:
     size: int = 32  # image side in pixels (16..224)
     seed: int = 0
     difficulty: float = 1.0  # width of the per-image jitter of the subclass cues; 0 = noiseless cues
+    confusion: float = 0.0  # mean share of a class's images drawn in the next superclass's family (0..0.5)
 
     def __post_init__(self) -> None:
         for name in ("superclasses", "subclasses", "per_class"):
@@ -71,6 +77,8 @@ class SyntheticSpec:
             raise DataError(f"synthetic: seed must be >= 0, got {self.seed}")
         if self.difficulty < 0:
             raise DataError(f"synthetic: difficulty must be >= 0, got {self.difficulty}")
+        if not 0 <= self.confusion <= 0.5:
+            raise DataError(f"synthetic: confusion must be within 0..0.5, got {self.confusion}")
 
     @classmethod
     def from_params(cls, params: dict) -> SyntheticSpec:
@@ -81,7 +89,7 @@ class SyntheticSpec:
             if key not in known:
                 raise DataError(f"synthetic: unknown parameter {key!r}; known: {', '.join(known)}")
             try:
-                out[key] = float(value) if key == "difficulty" else int(value)
+                out[key] = float(value) if key in ("difficulty", "confusion") else int(value)
             except (TypeError, ValueError):
                 raise DataError(f"synthetic: parameter {key}={value!r} is not a number") from None
         return cls(**out)
@@ -138,7 +146,10 @@ def _class_table(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     n_sup, n_sub = spec.superclasses, spec.subclasses
     rng = np.random.default_rng([spec.seed, _SALT_CLASS])
     hue0 = rng.random()
-    cols: dict[str, list[float]] = {k: [] for k in ("lobes", "texture", "hue", "sat", "freq", "theta", "amp")}
+    names = ("lobes", "texture", "hue", "sat", "freq", "theta", "amp", "swap", "lobes_next", "texture_next",
+             "hue_next", "sat_next")
+    cols: dict[str, list[float]] = {k: [] for k in names}
+    families = []
     for s in range(n_sup):
         # Superclass: family (lobes, texture) cycles so neighbours differ; hues spread evenly.
         lobes = _LOBES[s % len(_LOBES)]
@@ -148,14 +159,23 @@ def _class_table(spec: SyntheticSpec) -> dict[str, np.ndarray]:
         base_freq = 1.2 + 0.8 * rng.random()  # texture cycles per object radius
         # Subclasses: a Latin hypercube over four cues, so siblings differ in each of them.
         q = (np.stack([rng.permutation(n_sub) for _ in range(4)]) + 0.5) / n_sub  # [4, n_sub]
+        families.append((lobes, texture, hue, sat, base_freq, q))
+    for s, (lobes, texture, hue, sat, base_freq, q) in enumerate(families):
+        nxt = families[(s + 1) % n_sup]  # the family its look-alikes are drawn in
         for j in range(n_sub):
+            shift = 0.07 * (q[3, j] - 0.5)
             cols["lobes"].append(lobes)
             cols["texture"].append(texture)
-            cols["hue"].append(hue + 0.07 * (q[3, j] - 0.5))
+            cols["hue"].append(hue + shift)
             cols["sat"].append(sat)
             cols["freq"].append(base_freq * (0.7 + 0.6 * q[0, j]))
             cols["theta"].append(0.5 * math.pi * q[1, j])
             cols["amp"].append(0.06 + 0.24 * q[2, j])
+            cols["swap"].append(min(1.0, 2.0 * spec.confusion * (j + 0.5) / n_sub) if n_sup > 1 else 0.0)
+            cols["lobes_next"].append(nxt[0])
+            cols["texture_next"].append(nxt[1])
+            cols["hue_next"].append(nxt[2] + shift)
+            cols["sat_next"].append(nxt[3])
     return {k: np.asarray(v, dtype=np.float32) for k, v in cols.items()}
 
 
@@ -223,8 +243,14 @@ def _render_chunk(spec: SyntheticSpec, table: dict[str, np.ndarray], idx: np.nda
     u01 = [rnd[:, j].reshape(n, 1, 1) for j in range(18)]
     sym = [2.0 * x - 1.0 for x in u01]  # uniform in [-1, 1]
 
+    # Look-alikes (confusion > 0): this image drawn in the next superclass's family.
+    swapped = u01[16] < table["swap"][cls].reshape(n, 1, 1)
+
     def per_class(name: str) -> np.ndarray:
-        return table[name][cls].reshape(n, 1, 1)
+        own = table[name][cls].reshape(n, 1, 1)
+        if name in ("lobes", "texture", "hue", "sat"):
+            return np.where(swapped, table[f"{name}_next"][cls].reshape(n, 1, 1), own)
+        return own
 
     # Nuisances (not class information): position, size, outline rotation, texture phase.
     cx, cy = 0.28 * sym[0], 0.28 * sym[1]

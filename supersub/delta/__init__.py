@@ -1,29 +1,81 @@
-"""Specialist deltas, PEFT-like: ``config.py`` (what), ``layer.py`` (one weight), ``model.py``
-(a whole specialist: attach, prune, export, apply), ``packing.py`` (bytes).
+"""Specialist deltas, PEFT-like: one small module per concern.
 
-Methods are looked up by name in :data:`METHODS`; ``sparse_qat`` is the one the paper's idea
-needs (sparse + quantisation-aware). A new method registers its ``add_delta``/``export_delta``.
+* ``config.py`` — :class:`DeltaConfig` (what a delta is: stages, sparsity, bits, training);
+* ``layer.py`` — :class:`SparseQuantDelta`, one weight's ``W0 + Q_b(D ⊙ M)``;
+* ``tuner.py`` — attaching deltas to a specialist, pruning schedule, fisher masks;
+* ``format.py`` — :class:`PackedDelta`, the stored file, and :func:`export_delta`;
+* ``apply.py`` — decoding a stored delta and computing with it;
+* ``packing.py`` — bytes: b-bit codes, varint positions, seeded positions.
+
+A delta *method* is what a specialist task calls through :func:`get_method` (the config's
+``delta.method``, validated against :data:`METHODS`): ``attach`` (make a copy of the resident
+network trainable), ``schedule`` (a hook run after every optimiser step), ``export`` (the trained
+delta as a :class:`PackedDelta`) and ``materialize`` (a stored delta decoded for a device). The
+predictor only needs what ``materialize`` returns, so a new method that stores its delta as
+positions + values (low-rank, block-sparse, ...) plugs in by registering one object here.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from supersub.delta.apply import MaterializedDelta, applied, materialize, specialist_weights
 from supersub.delta.config import DeltaConfig
+from supersub.delta.format import PackedDelta, export_delta
 from supersub.delta.layer import SparseQuantDelta
-from supersub.delta.model import (
-    MaterializedDelta,
-    PackedDelta,
+from supersub.delta.tuner import (
     PruningSchedule,
     add_delta,
-    applied,
     choose_fisher_masks,
     delta_layers,
-    export_delta,
-    materialize,
     set_train_mode,
+    start_from,
 )
 
-METHODS = {"sparse_qat": (add_delta, export_delta)}
+
+class DeltaMethod(Protocol):
+    """What a specialist task needs from a delta method."""
+
+    name: str
+
+    def attach(self, model: nn.Module, cfg: DeltaConfig, head: nn.Linear) -> list[nn.Module]: ...
+
+    def schedule(self, layers: list[nn.Module], cfg: DeltaConfig, total_steps: int) -> Callable[[int], None]: ...
+
+    def export(self, model: nn.Module, cfg: DeltaConfig, superclass: int | None) -> PackedDelta: ...
+
+    def materialize(self, packed: PackedDelta, device: torch.device | str) -> MaterializedDelta: ...
 
 
-def get_method(name: str):
+@dataclass(frozen=True)
+class SparseQAT:
+    """Sparse + quantisation-aware deltas (the paper's idea): gradual magnitude, fisher or seeded
+    random masks; b-bit symmetric per-channel codes trained with straight-through gradients."""
+
+    name: str = "sparse_qat"
+
+    def attach(self, model, cfg, head):
+        return add_delta(model, cfg, head)
+
+    def schedule(self, layers, cfg, total_steps):
+        return PruningSchedule(layers, cfg, total_steps)
+
+    def export(self, model, cfg, superclass):
+        return export_delta(model, cfg, superclass)
+
+    def materialize(self, packed, device):
+        return materialize(packed, device)
+
+
+METHODS: dict[str, DeltaMethod] = {m.name: m for m in (SparseQAT(),)}
+
+
+def get_method(name: str) -> DeltaMethod:
     try:
         return METHODS[name]
     except KeyError:
@@ -31,10 +83,13 @@ def get_method(name: str):
 
 
 __all__ = [
+    "METHODS",
     "DeltaConfig",
+    "DeltaMethod",
     "MaterializedDelta",
     "PackedDelta",
     "PruningSchedule",
+    "SparseQAT",
     "SparseQuantDelta",
     "add_delta",
     "applied",
@@ -44,4 +99,6 @@ __all__ = [
     "get_method",
     "materialize",
     "set_train_mode",
+    "specialist_weights",
+    "start_from",
 ]

@@ -290,3 +290,27 @@ def load_hierarchy(
     if present.isdisjoint(hierarchy.subclass_ids):
         raise HierarchyError(f"none of the {len(present)} given classes is in hierarchy {hierarchy.name!r}")
     return hierarchy.restrict([s for s in hierarchy.subclass_ids if s in present])
+
+
+def check_spec(spec: str, *, imagenet_meta: str | Path | None = None) -> None:
+    """Checks a hierarchy spec without a dataset (what can fail before a job starts): a known
+    name, ``auto:K`` with a positive K and WordNet files at hand, a file that exists and parses.
+    ``synthetic`` (the synthetic source's own hierarchy) is accepted as is."""
+    spec = str(spec).strip()
+    if spec in ("paper10", "cifar100", "synthetic"):
+        return
+    if spec.startswith("auto:"):
+        k_text = spec.split(":", 1)[1]
+        if not k_text.isdigit() or int(k_text) < 1:
+            raise HierarchyError(f"{spec!r}: K in auto:K must be a positive integer")
+        meta = resolve_imagenet_meta(imagenet_meta)
+        for name in ("wordnet.is_a.txt", "words.txt"):
+            if not (meta / name).is_file():
+                raise HierarchyError(f"{spec} needs {meta / name}, which does not exist")
+        return
+    if spec.lower().endswith((".json", ".csv")):
+        if not Path(spec).is_file():
+            raise HierarchyError(f"hierarchy file not found: {spec}")
+        from_mapping_file(spec)
+        return
+    raise HierarchyError(f"unknown hierarchy {spec!r}; expected {SPECS_HELP}, learned:K or synthetic")

@@ -1,4 +1,11 @@
-"""Gathering one report section: the numbers, the recomputed confusions, the figures, the gallery."""
+"""Gathering one report section: the numbers, the recomputed confusions, the figures, the gallery.
+
+A section shows the models its ``metrics.json`` has (:func:`~supersub.report.sources.fine_models`),
+each with its accuracy and costs as the pipeline measured them; confusions, error counts and LCA
+heights are recomputed from ``predictions.parquet`` for all of them, confusion matrices and the
+gallery for the section's model (``--model``, by default the model the bundle serves). Figures and
+gallery thumbnails are written as PNGs under the output folder; the page inlines them.
+"""
 
 
 from __future__ import annotations
@@ -14,17 +21,18 @@ from supersub.errors import DataError
 from supersub.hierarchy import Hierarchy
 from supersub.report.sources import (
     CHECKED_KEYS,
-    ERROR_MODELS,
-    FINE_MODELS,
     METRIC_KEYS,
+    ORACLE,
     RunSource,
+    error_models,
     find_data,
+    fine_models,
     load_predictions,
     read_json,
     thumbnail,
 )
 
-FORMAT_VERSION = 1
+
 # ----------------------------------------------------------------------------- gathering
 def clean(x: Any) -> Any:
     """JSON-safe: numpy numbers become Python ones, NaN and infinities ``None``."""
@@ -84,12 +92,23 @@ def _at(values: list[Any] | None, i: int) -> Any:
     return values[i] if values is not None and i < len(values) else None
 
 
+def _default_model(served: str | None, fine: list[str]) -> str:
+    """The served model; for runs that do not say, the soft two-stage model, else the last non-oracle."""
+    for name in (served, "two_stage_soft"):
+        if name in fine:
+            return name
+    rest = [k for k in fine if k != ORACLE] or fine
+    if not rest:
+        raise DataError("metrics.json has no model with a top-1")
+    return rest[-1]
+
+
 class Section:
     """Builds one section: its numbers (``self.data``, written to report.json), its figures and
-    gallery images (under ``out/slug``, referenced relative to ``out``)."""
+    gallery images (PNGs under ``out/slug``, referenced relative to ``out``)."""
 
-    def __init__(self, src: RunSource, out: Path, slug: str, model: str) -> None:
-        self.src, self.out, self.model = src, out, model
+    def __init__(self, src: RunSource, out: Path, slug: str, model: str | None) -> None:
+        self.src, self.out = src, out
         self.dir = out / slug if slug else out
         self.dir.mkdir(parents=True, exist_ok=True)
         self.notes: list[str] = []
@@ -98,14 +117,19 @@ class Section:
         self.supers = [s.name for s in self.h.superclasses]
         self.classes = [s.name for s in self.h.subclasses]
         models = {k: {x: v[x] for x in METRIC_KEYS if x in v} for k, v in m.get("models", {}).items()}
-        if model not in models or "top1" not in models[model]:
-            raise ConfigError(f"--model {model}: {src.name} has {[k for k in models if 'top1' in models[k]]}")
+        self.fine = fine_models(models)
+        serves = m.get("serves") or {}
+        self.model = model = model or _default_model(serves.get("model"), self.fine)
+        if model not in self.fine:
+            raise ConfigError(f"--model {model}: {src.name} has {self.fine}")
         self.data: dict[str, Any] = {
             "name": src.name, "slug": slug, "test_split": m.get("test_split"), "mlflow_run_id": src.mlflow_run_id,
+            "seed": src.seed, "seeds": src.seeds,
             "hierarchy": {"name": self.h.name, "superclasses": self.supers,
                           "sizes": [len(s.subclasses) for s in self.h.superclasses]},
             "resident": "generalist" if "generalist" in models else "vanilla",
-            "model": model, "routing": m.get("routing", {}), "models": models, "notes": self.notes, "figures": {},
+            "model": model, "routing": m.get("routing", {}), "serves": serves, "models": models,
+            "fine_models": self.fine, "notes": self.notes, "figures": {},
         }
 
     def fig(self, key: str) -> Path:
@@ -116,12 +140,11 @@ class Section:
     def build(self, gallery: int, per_pair: int, tune: Path | None) -> dict[str, Any]:
         from supersub import plots
 
-        models = self.data["models"]
-        fine = [k for k in FINE_MODELS if "top1" in models.get(k, {})]
-        plots.grouped_bars([plots.LABELS[k] for k in fine], {
+        models, fine = self.data["models"], self.fine
+        plots.grouped_bars([plots.label(k) for k in fine], {
             "top-1": [models[k]["top1"] for k in fine],
-            "superclass accuracy": [models[k]["superclass_acc"] for k in fine]},
-            self.fig("models"), ylabel="test accuracy (%)", title="Vanilla vs two-stage vs oracle routing")
+            "superclass accuracy": [models[k].get("superclass_acc") for k in fine]},
+            self.fig("models"), ylabel="test accuracy (%)", title="Accuracy per model", wrap=True)
         path = self.src.folder / "predictions.parquet" if self.src.folder else None
         if path is not None and path.is_file():
             self._from_predictions(load_predictions(path), gallery, per_pair)
@@ -144,13 +167,16 @@ class Section:
         h, labels, sev = self.h, preds["label"], severity_matrix(self.h)
         if len(labels) and int(labels.max()) >= h.num_subclasses:
             raise DataError(f"{self.src.name}: predictions name classes beyond the hierarchy's {h.num_subclasses}")
-        rec = {k: recompute(preds["pred"][k], labels, h, sev) for k in FINE_MODELS if k in preds["pred"]}
+        missing = [k for k in self.fine if k not in preds["pred"]]
+        if missing:
+            self.notes.append(f"predictions.parquet has no predictions of {', '.join(missing)}")
+        rec = {k: recompute(preds["pred"][k], labels, h, sev) for k in self.fine if k in preds["pred"]}
         for k, r in rec.items():  # metrics.json and predictions.parquet come from one evaluation
             off = [x for x in CHECKED_KEYS if abs(r["metrics"][x] - self.data["models"].get(k, {}).get(x, math.nan)) > 0.01]
             if off:
                 self.notes.append(f"{k}: predictions.parquet and metrics.json disagree on {', '.join(off)}")
         self.data["errors"] = {k: r["errors"] | {"crossing_share": r["metrics"]["crossing_error_share"]}
-                               for k, r in rec.items() if k in ERROR_MODELS}
+                               for k, r in rec.items() if k in error_models(self.data["models"])}
         self.data["lca_heights"] = {k: r["lca_heights"] for k, r in rec.items()}
         errs = self.data["errors"]
         plots.error_split(list(errs), [e["within"] for e in errs.values()], [e["crossing"] for e in errs.values()],
@@ -212,18 +238,20 @@ class Section:
         for s, name in enumerate(self.supers):
             row = {"superclass": s, "name": name, "classes": len(self.h.superclasses[s].subclasses),
                    "vanilla": _at(ps.get("vanilla"), s), "vanilla_within": _at(ps.get("vanilla_within"), s),
-                   "specialist": _at(ps.get("two_stage_oracle"), s), "two_stage": _at(ps.get(self.model), s),
+                   "specialist": _at(ps.get(ORACLE), s), "two_stage": _at(ps.get(self.model), s),
                    "specialist_val_acc": spec.get(s, {}).get("val_acc"), "delta_ratio": spec.get(s, {}).get("delta_ratio")}
             a, b = row["specialist"], row["vanilla_within"]
             row["gain"] = a - b if a is not None and b is not None else None
             rows.append(row)
         self.data["per_superclass"] = rows
         series = {"vanilla": "vanilla", "vanilla_within": "vanilla, answer kept in the true superclass",
-                  "specialist": "specialist (oracle routing)", "two_stage": plots.LABELS[self.model]}
+                  "specialist": "specialist (oracle routing)", "two_stage": plots.label(self.model)}
         plots.grouped_bars(self.supers, {label: [r[k] for r in rows] for k, label in series.items()},
                            self.fig("per_superclass"), ylabel="test top-1 (%)", title="Per superclass: specialist vs vanilla")
 
     def _storage(self) -> None:
+        """Per-specialist delta bytes (metrics.json's ``bytes``) and every model's top-1 at its
+        stored bytes (its ``bytes_in_networks``)."""
         from supersub import plots
 
         b, models = self.src.metrics.get("bytes"), self.data["models"]
@@ -232,27 +260,18 @@ class Section:
             return
         net = b["network"]
         per = list(b["per_specialist"].values())
-        baselines = b.get("baselines")
-        if baselines is None:  # older runs: the baselines' file sizes in the bundle, scaled to state bytes
-            files = read_json(self.src.folder / "bundle" / "manifest.json")["files"] if self.src.folder and \
-                (self.src.folder / "bundle" / "manifest.json").is_file() else {}
-            baselines = {Path(f).stem: round(v["bytes"] * net / b.get("base_file", net)) for f, v in files.items()
-                         if f.startswith("baselines/")}
-            if baselines:
-                self.notes.append("baseline networks' bytes estimated from their bundle file sizes (older metrics.json)")
         st = {"network": net, "specialists": len(per), "mean_ratio": b["mean_specialist_ratio"],
               "specialists_total": b.get("specialists_total", sum(per)), "total_networks": b["total_in_networks"],
-              "per_specialist": [{"name": n, "bytes": v, "ratio": v / net} for n, v in zip(self.supers, per)],
-              "baselines": {k: {"bytes": v, "networks": v / net} for k, v in baselines.items()}}
-        vanilla = 1.0 if self.data["resident"] == "vanilla" else st["baselines"].get("vanilla", {}).get("networks")
-        networks = {"vanilla": vanilla, "vanilla_scaled": st["baselines"].get("vanilla_scaled", {}).get("networks"),
-                    "two_stage_hard": st["total_networks"], "two_stage_soft": st["total_networks"]}
-        st["points"] = [{"model": k, "networks": v, "top1": models[k]["top1"]}
-                        for k, v in networks.items() if v is not None and "top1" in models.get(k, {})]
+              "per_specialist": [{"name": n, "bytes": v, "ratio": v / net} for n, v in zip(self.supers, per)]}
+        st["points"] = [{"model": k, "networks": models[k]["bytes_in_networks"], "top1": models[k]["top1"]}
+                        for k in error_models(models) if models[k].get("bytes_in_networks") is not None]
         self.data["storage"] = st
         plots.bytes_bars(self.supers, [r["ratio"] for r in st["per_specialist"]], self.fig("bytes"),
                          total=st["total_networks"])
-        plots.accuracy_vs_bytes(st["points"], self.fig("accuracy_vs_bytes"))
+        if st["points"]:
+            plots.accuracy_vs_bytes(st["points"], self.fig("accuracy_vs_bytes"))
+        else:
+            self.notes.append("metrics.json gives no model's stored bytes (bytes_in_networks)")
 
     def _pareto(self, path: Path | None) -> None:
         from supersub import plots

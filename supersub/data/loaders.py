@@ -18,6 +18,7 @@ and fresh every epoch, get the extra "other" label ``n_sub``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,8 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from supersub.data import IMAGENET_MEAN, IMAGENET_STD, ManifestDataset, build_transforms, decode_split
-from supersub.data.dataset import eval_draft_size
+from supersub.cache import LRU
+from supersub.data.dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ManifestDataset,
+    build_transforms,
+    decode_split,
+    eval_draft_size,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,14 @@ def select(fine: np.ndarray, coarse: np.ndarray, spec: LoaderSpec, n_sub: int, e
         neg = np.sort(rng.choice(pool, m, replace=False))
         return np.concatenate([pos, neg]), np.concatenate([targets, np.full(m, n_sub)])
     return pos, targets
+
+
+def epoch_images(spec: LoaderSpec, fine: np.ndarray, coarse: np.ndarray, n_sub: int, world_size: int = 1) -> int:
+    """Images a training epoch of ``spec`` uses (every loader drops the last partial batch), all
+    workers together: what the equal-compute controls count."""
+    rows = select(fine, coarse, spec, n_sub, 0)[0].size // world_size
+    bs = spec.batch_size
+    return ((rows // bs) * bs if rows >= bs else rows) * world_size
 
 
 class TensorLoader:
@@ -189,16 +205,21 @@ class DatasetLoader:
         return iter(self._loader())
 
 
-_SPLIT_CACHE: dict[tuple, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+# Decoded splits, shared by the tasks of one process (a study's specialists read the same split);
+# bounded so that a long-lived process (a study over several manifests) does not keep them all.
+_SPLITS: LRU[tuple[torch.Tensor, np.ndarray, np.ndarray]] = LRU(
+    max_bytes=float(os.environ.get("SUPERSUB_SPLIT_CACHE_MB", 4096)) * 2**20, size=lambda v: v[0].nbytes
+)
 
 
 def split_tensors(manifest, split: str, image_size: int, device: torch.device, num_workers: int, cache_dir=None):
     """The decoded split, kept once per process and device (specialists of one process share it)."""
-    key = (str(manifest.path), split, image_size, str(device))
-    if key not in _SPLIT_CACHE:
+
+    def make():
         images, fine, coarse = decode_split(manifest, split, image_size, num_workers=num_workers, cache_dir=cache_dir)
-        _SPLIT_CACHE[key] = (images.to(device), fine.numpy(), coarse.numpy())
-    return _SPLIT_CACHE[key]
+        return images.to(device), fine.numpy(), coarse.numpy()
+
+    return _SPLITS.get_or_make((manifest.fingerprint, split, image_size, str(device)), make)
 
 
 def make_loader(

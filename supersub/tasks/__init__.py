@@ -1,0 +1,34 @@
+"""The units of work: training a network, finetuning a delta, learning a hierarchy.
+
+See :mod:`supersub.tasks.base` for what every task has (identity, fingerprint, folder, round
+trip); :mod:`supersub.runner` runs lists of them.
+"""
+
+from supersub.tasks.base import (
+    TASK_KINDS,
+    DataOptions,
+    Task,
+    TaskContext,
+    digest,
+    folder_for,
+    task_from_dict,
+)
+from supersub.tasks.hierarchy import LearnedHierarchyTask, class_similarity, relabel_manifest
+from supersub.tasks.network import NetworkTask
+from supersub.tasks.specialist import SpecialistTask, load_packed
+
+__all__ = [
+    "TASK_KINDS",
+    "DataOptions",
+    "LearnedHierarchyTask",
+    "NetworkTask",
+    "SpecialistTask",
+    "Task",
+    "TaskContext",
+    "class_similarity",
+    "digest",
+    "folder_for",
+    "load_packed",
+    "relabel_manifest",
+    "task_from_dict",
+]

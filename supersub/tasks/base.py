@@ -1,0 +1,190 @@
+"""A task is the unit of work: it has a name, an identity, and a ``run(ctx)`` that writes its
+outputs into its own folder.
+
+* **Identity and fingerprint.** :meth:`Task.identity` is what the task computes — its settings,
+  the fingerprint of the manifest it reads and the hashes of the networks it starts from — never
+  where files live or how data is read. :meth:`Task.fingerprint` is its sha256. A task's folder
+  is named ``<name>-<fingerprint[:10]>``, so a rerun finds exactly the tasks whose identity has
+  not changed and trains anew, beside the old ones, the tasks whose identity has (other data, a
+  retrained network underneath, other settings). Nothing is ever reused silently and nothing is
+  overwritten.
+* **Round trip.** :meth:`Task.to_dict` / :func:`task_from_dict` carry a task to a Ray worker.
+* **Context.** :class:`TaskContext` says how a task runs (device, DDP, reporting, resuming);
+  the same ``run`` works in this process, in a Ray Train worker and in a Tune trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from supersub.config import from_dict, to_dict
+from supersub.data.loaders import LoaderSpec, make_loader
+
+TASK_FILE = "task.json"
+RESULT_FILE = "metrics.json"
+
+
+@dataclass
+class TaskContext:
+    """How a task runs. The defaults run it in this process on one device."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. DDP wrapping
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, ckpt: None  # every epoch
+    log: Callable[[str], None] = print
+    make_loader: Callable[..., Any] | None = None  # replaces supersub.data.loaders.make_loader
+    resume_dir: Path | None = None  # a checkpoint directory handed back by the runner
+
+
+@dataclass
+class DataOptions:
+    """Where a task's manifest is and how to read it. Only ``fingerprint`` and ``image_size``
+    are part of a task's identity: the same images read another way are the same data."""
+
+    manifest_dir: str
+    fingerprint: str
+    image_size: int
+    loader: Literal["auto", "tensors", "dataset"] = "auto"
+    num_workers: int = 2
+    cache_dir: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"manifest": self.fingerprint, "image_size": self.image_size}
+
+
+def digest(data: Any) -> str:
+    """sha256 of a JSON-able value, keys sorted: the same value gives the same digest anywhere."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# How an optimiser setting is applied, not what is trained: left out of identities.
+EXECUTION_ONLY = ("amp", "channels_last")
+
+
+def optim_identity(optim: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(optim).items() if k not in EXECUTION_ONLY}
+
+
+class Task:
+    """Base of the task kinds (:data:`TASK_KINDS`); subclasses are dataclasses with ``out_dir``."""
+
+    kind: ClassVar[str]
+    resources: ClassVar[str] = "network"  # which group of resources.* a runner gives it
+    out_dir: str
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run(self, ctx: TaskContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loader_specs(self) -> dict[str, LoaderSpec]:
+        """The loaders the task asks for, by split (a Ray Data runner builds its datasets from these)."""
+        return {}
+
+    # ------------------------------------------------------------------ identity on disk
+    def fingerprint(self) -> str:
+        return digest({"kind": self.kind, **self.identity()})
+
+    def stamp(self) -> None:
+        """Writes ``task.json`` (kind, name, fingerprint, identity) into the task's folder."""
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"kind": self.kind, "name": self.name, "fingerprint": self.fingerprint(), "identity": self.identity()}
+        (out / TASK_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+    def done(self) -> bool:
+        """Finished earlier with this very identity."""
+        out = Path(self.out_dir)
+        if not (out / RESULT_FILE).is_file() or not (out / TASK_FILE).is_file():
+            return False
+        return json.loads((out / TASK_FILE).read_text()).get("fingerprint") == self.fingerprint()
+
+    def result(self) -> dict[str, Any]:
+        return json.loads((Path(self.out_dir) / RESULT_FILE).read_text())
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        (Path(self.out_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+
+    # ------------------------------------------------------------------ round trip
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **to_dict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Task:
+        kwargs = {}
+        for k, v in d.items():
+            if k == "kind":
+                continue
+            if k == "data":
+                kwargs[k] = DataOptions(**v)
+            elif k in _SECTIONS and isinstance(v, dict):
+                kwargs[k] = from_dict(_SECTIONS[k](), v)
+            else:
+                kwargs[k] = v
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ helpers for run()
+    def loader(self, ctx: TaskContext, manifest, spec: LoaderSpec):
+        data: DataOptions = self.data  # type: ignore[attr-defined]
+        if ctx.make_loader is not None:
+            return ctx.make_loader(spec)
+        return make_loader(manifest, spec, image_size=data.image_size, mode=data.loader, device=ctx.device,
+                           num_workers=data.num_workers, cache_dir=data.cache_dir, rank=ctx.rank,
+                           world_size=ctx.world_size)
+
+
+def folder_for(root: str | Path, name: str, fingerprint: str) -> str:
+    """A task's folder under ``root``: ``<name>-<fingerprint[:10]>``."""
+    return str(Path(root) / f"{name}-{fingerprint[:10]}")
+
+
+def _model_config():
+    from supersub.models import ModelConfig
+
+    return ModelConfig
+
+
+def _optim_config():
+    from supersub.train import OptimConfig
+
+    return OptimConfig
+
+
+def _delta_config():
+    from supersub.delta import DeltaConfig
+
+    return DeltaConfig
+
+
+# Fields that hold config sections, and the dataclass each is rebuilt into.
+_SECTIONS: dict[str, Callable[[], type]] = {"model": _model_config, "optim": _optim_config, "delta": _delta_config}
+
+TASK_KINDS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    TASK_KINDS[cls.kind] = cls
+    return cls
+
+
+def task_from_dict(d: dict[str, Any]) -> Task:
+    try:
+        cls = TASK_KINDS[d["kind"]]
+    except KeyError:
+        raise ValueError(f"unknown task kind {d.get('kind')!r}; known: {', '.join(TASK_KINDS)}") from None
+    return cls.from_dict(d)
