@@ -13,13 +13,14 @@ V = TypeVar("V")
 
 class LRU(Generic[V]):
     """Keeps values until their summed ``size(value)`` passes ``max_bytes`` (the least recently
-    used go first) or their number passes ``max_items``. A value larger than the whole bound is
-    returned but not kept. ``get_or_make`` makes a missing value outside the lock, so a slow
-    maker does not block readers of other keys."""
+    used go first) or their number passes ``max_items``, but always the ``min_items`` newest
+    (a row-group cache keeps the group it reads from even when one group is over the bound).
+    A value that cannot be kept is still returned. ``get_or_make`` makes a missing value
+    outside the lock, so a slow maker does not block readers of other keys."""
 
     def __init__(self, max_bytes: float = float("inf"), max_items: float = float("inf"),
-                 size: Callable[[V], int] = lambda v: 0) -> None:
-        self.max_bytes, self.max_items, self.size = max_bytes, max_items, size
+                 size: Callable[[V], int] = lambda v: 0, min_items: int = 0) -> None:
+        self.max_bytes, self.max_items, self.size, self.min_items = max_bytes, max_items, size, min_items
         self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -44,14 +45,14 @@ class LRU(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> V:
         n = self.size(value)
-        if n > self.max_bytes or self.max_items < 1:
+        if self.min_items < 1 and (n > self.max_bytes or self.max_items < 1):
             return value
         with self._lock:
             if key in self._items:
                 self._bytes -= self._items.pop(key)[1]
             self._items[key] = (value, n)
             self._bytes += n
-            while self._items and (self._bytes > self.max_bytes or len(self._items) > self.max_items):
+            while len(self._items) > self.min_items and (self._bytes > self.max_bytes or len(self._items) > self.max_items):
                 self._bytes -= self._items.popitem(last=False)[1][1]
         return value
 

@@ -87,7 +87,7 @@ class ParquetStore(ImageStore):
         self._pid = os.getpid()
         self._files: dict[str, tuple[Any, np.ndarray, bool]] = {}  # path → (ParquetFile, row starts, has path)
         # (path, row group) → (image bytes column, paths); bounded by the bytes it holds.
-        self._cache: LRU[tuple[Any, list[str | None] | None]] = LRU(self.cache_bytes, size=lambda v: v[0].nbytes)
+        self._cache: LRU[tuple[Any, list[str | None] | None]] = LRU(self.cache_bytes, size=lambda v: v[0].nbytes, min_items=1)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
