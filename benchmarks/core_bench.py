@@ -1,18 +1,24 @@
-"""Core benchmark: storage, latency and memory of the two-stage predictor against one network.
+"""Core benchmark: what the two-stage predictor costs against one network, side by side in one run.
 
-Prints, side by side in one run, for one backbone and input size:
+For one backbone and input size, with random deltas of the configured sparsity and bit width (the
+script measures cost, not accuracy) and a batch whose images go to every superclass (the worst
+case for routed groups), it prints and (``--json FILE``) writes:
 
-* stored bytes per specialist / bytes of one network (real safetensors file sizes);
-* two-stage latency / one vanilla forward, for hard routing, soft top-2 routing and hard routing
-  with a shared trunk (deltas on layer4 only, so stem..layer3 run once);
-* peak device memory of the two-stage predictor / one network (CUDA only: max_memory_allocated);
-* time to materialise, apply and restore one delta.
+* ``specialist_bytes_ratio`` — stored bytes of one specialist (the real safetensors file) / one network;
+* ``latency_ratio_hard`` / ``latency_ratio_soft`` — two-stage hard and soft top-2 routing, deltas
+  on every stage, against one vanilla forward on the same batch (median of ``--repeats``);
+* ``latency_ratio_shared_trunk`` — hard routing with deltas on ``layer4`` only: stem..layer3 run
+  once for both stages;
+* ``flops_ratio_hard`` / ``flops_ratio_soft`` / ``flops_ratio_shared_trunk`` — FLOPs of those
+  predictions (``torch.utils.flop_counter.FlopCounterMode`` over the whole batch) / one forward;
+* ``peak_memory_ratio`` — peak memory of a shared-trunk hard prediction / one forward: on CUDA
+  ``torch.cuda.max_memory_allocated``, on a CPU the process's peak resident-set increase over
+  what it held before loading the model, each measured in a fresh process (``--memory-probe``);
+* ``resident_bytes_ratio`` — what the predictor keeps (network + packed deltas) / one network.
 
-Deltas are random (the benchmark measures cost, not accuracy), with the configured sparsity and
-bit width. Examples::
-
+    python benchmarks/core_bench.py --backbone resnet10 --width 0.5 --image-size 32 --batch 64 \\
+        --superclasses 11 --subclasses 18 --json OUT.json
     python benchmarks/core_bench.py --backbone resnet18 --image-size 64 --batch 256 --device cuda
-    python benchmarks/core_bench.py --backbone resnet10 --width 0.5 --image-size 32 --batch 64
 """
 
 from __future__ import annotations
@@ -20,22 +26,42 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
-from supersub.delta import DeltaConfig, add_delta, applied, export_delta, materialize
+from supersub.cost import count_flops
+from supersub.delta import DeltaConfig, PackedDelta, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.models import ModelConfig, build_model, state_bytes
-from supersub.predictor import RoutingConfig, TwoStagePredictor
+from supersub.predictor import TwoStagePredictor
+from supersub.routing import HARD, Routing
 
 
-def make_deltas(base, hierarchy, cfg: DeltaConfig, other: bool = True):
+def setup(args) -> tuple[Hierarchy, torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    h = Hierarchy("bench", tuple(
+        Superclass(f"s{i}", f"s{i}", tuple(Subclass(f"s{i}c{j}", f"c{j}") for j in range(args.subclasses)))
+        for i in range(args.superclasses)
+    ))
+    base = build_model(ModelConfig(backbone=args.backbone, width=args.width), h.num_subclasses, args.image_size).eval()
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    spread_routes(base, x)
+    return h, base, x
+
+
+def make_deltas(base, hierarchy, cfg: DeltaConfig) -> dict[int, PackedDelta]:
     deltas = {}
     for s, sup in enumerate(hierarchy.superclasses):
         spec = copy.deepcopy(base).cpu()
-        layers = add_delta(spec, cfg, torch.nn.Linear(spec.num_features, len(sup.subclasses) + int(other)))
+        layers = add_delta(spec, cfg, torch.nn.Linear(spec.num_features, len(sup.subclasses) + 1))
         with torch.no_grad():
             for d in layers:
                 d.delta.normal_(0, 1e-3)
@@ -71,15 +97,64 @@ def timed(fn, device, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def peak_bytes(fn, device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_increase(fn, device) -> int:
+    """Peak memory ``fn()`` adds: CUDA allocator bytes, or the process's resident set (sampled
+    every millisecond) over what it held before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before, peak, stop = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    stop.set()
+    t.join()
+    return max(peak[0], _rss()) - before
+
+
+def memory_probe(args) -> None:
+    """In a fresh process: the peak memory of loading and running one model (``--memory-probe``)."""
+    device = torch.device(args.device)
+    h, base, x = setup(args)
+    x = x.to(device)
+    folder = Path(args.deltas)
+    base.load_state_dict(torch.load(folder / "base.pt", weights_only=True))
+
+    def one() -> None:
+        net = copy.deepcopy(base).to(device)
+        with torch.no_grad():
+            net(x)
+
+    def two() -> None:
+        deltas = {int(p.stem): PackedDelta.from_bytes(p.read_bytes()) for p in folder.glob("*.safetensors")}
+        TwoStagePredictor(copy.deepcopy(base), h, deltas, "vanilla", device).predict(x, HARD)
+
+    one()  # allocator and kernels warmed with the same shapes in both probes
+    print(json.dumps({"peak": peak_increase(one if args.memory_probe == "one" else two, device)}))
+
+
+def probe(args, which: str, folder: Path) -> int:
+    cmd = [sys.executable, __file__, "--memory-probe", which, "--deltas", str(folder), "--device", args.device,
+           "--backbone", args.backbone, "--width", str(args.width), "--image-size", str(args.image_size),
+           "--batch", str(args.batch), "--superclasses", str(args.superclasses), "--subclasses", str(args.subclasses)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,97 +166,84 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--subclasses", type=int, default=20, help="subclasses per superclass")
     p.add_argument("--keep", type=float, default=0.05)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--mask", default="magnitude", choices=["magnitude", "random"])
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--memory-probe", choices=["one", "two"], help=argparse.SUPPRESS)
+    p.add_argument("--deltas", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.memory_probe:
+        memory_probe(args)
+        return {}
+    device = torch.device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    torch.manual_seed(0)
 
-    h = Hierarchy("bench", tuple(
-        Superclass(f"s{i}", f"s{i}", tuple(Subclass(f"s{i}c{j}", f"c{j}") for j in range(args.subclasses)))
-        for i in range(args.superclasses)
-    ))
-    mcfg = ModelConfig(backbone=args.backbone, width=args.width)
-    base = build_model(mcfg, h.num_subclasses, args.image_size).eval()
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    spread_routes(base, x)
+    h, base, x = setup(args)
     net_bytes = state_bytes(base)
-    full = DeltaConfig(keep=args.keep, bits=args.bits, mask=args.mask)
-    late = DeltaConfig(keep=args.keep, bits=args.bits, mask=args.mask, stages=["layer4"])
-    deltas_full, deltas_late = make_deltas(base, h, full), make_deltas(base, h, late)
-    bytes_full = statistics.mean(d.nbytes for d in deltas_full.values())
-    bytes_late = statistics.mean(d.nbytes for d in deltas_late.values())
-
+    full = make_deltas(base, h, DeltaConfig(keep=args.keep, bits=args.bits))
+    late = make_deltas(base, h, DeltaConfig(keep=args.keep, bits=args.bits, stages=["layer4"]))
+    bytes_full = statistics.mean(d.nbytes for d in full.values())
     x = x.to(device)
     vanilla = copy.deepcopy(base).to(device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-        vanilla = vanilla.to(memory_format=torch.channels_last)
 
     def one_network():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             vanilla(x)
 
-    pred = TwoStagePredictor(copy.deepcopy(base), h, deltas_full, "vanilla", device, amp=amp)
-    pred_late = TwoStagePredictor(copy.deepcopy(base), h, deltas_late, "vanilla", device, amp=amp)
-    hard, soft2 = RoutingConfig(mode="hard"), RoutingConfig(mode="soft", k=2)
-
+    # Evaluation-style predictors: every decoded delta kept (the shipped serving default keeps 16).
+    pred = TwoStagePredictor(copy.deepcopy(base), h, full, "vanilla", device, amp=amp, cache_bytes=1 << 34)
+    pred_late = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34)
+    soft2 = Routing("soft", 2)
     t_one = timed(one_network, device, args.repeats)
-    t_hard = timed(lambda: pred.predict(x, hard), device, args.repeats)
+    t_hard = timed(lambda: pred.predict(x, HARD), device, args.repeats)
     t_soft = timed(lambda: pred.predict(x, soft2), device, args.repeats)
-    t_trunk = timed(lambda: pred_late.predict(x, hard), device, args.repeats)
-    # How many distinct specialists one batch needed (see spread_routes).
+    t_trunk = timed(lambda: pred_late.predict(x, HARD), device, args.repeats)
     routed = int(pred.run(x, 1).routes.unique().numel())
-
-    def apply_restore():
-        m = materialize(deltas_full[0], device)
-        with applied(pred.base, m):
-            pass
-
-    t_apply = timed(apply_restore, device, args.repeats)
-    m_one = peak_bytes(one_network, device)
-    m_two = peak_bytes(lambda: pred.predict(x, hard), device)
+    f_one = count_flops(one_network)
+    f_hard, f_soft = count_flops(lambda: pred.predict(x, HARD)), count_flops(lambda: pred.predict(x, soft2))
+    f_trunk = count_flops(lambda: pred_late.predict(x, HARD))
+    with tempfile.TemporaryDirectory(prefix="core-bench-") as tmp:
+        torch.save(base.state_dict(), Path(tmp) / "base.pt")
+        for s, d in late.items():
+            (Path(tmp) / f"{s}.safetensors").write_bytes(d.to_bytes())
+        m_one, m_two = probe(args, "one", Path(tmp)), probe(args, "two", Path(tmp))
 
     fig = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
         "backbone": args.backbone, "width": args.width, "image_size": args.image_size, "batch": args.batch,
-        "superclasses": args.superclasses, "keep": args.keep, "bits": args.bits, "mask": args.mask,
-        "network_bytes": net_bytes,
-        "specialist_bytes_all_stages": bytes_full, "ratio_all_stages": bytes_full / net_bytes,
-        "specialist_bytes_layer4": bytes_late, "ratio_layer4": bytes_late / net_bytes,
-        "one_network_ms": 1e3 * t_one,
-        "two_stage_hard_ms": 1e3 * t_hard, "hard_over_one": t_hard / t_one,
-        "two_stage_soft2_ms": 1e3 * t_soft, "soft2_over_one": t_soft / t_one,
-        "shared_trunk_hard_ms": 1e3 * t_trunk, "shared_trunk_over_one": t_trunk / t_one,
+        "superclasses": args.superclasses, "subclasses": args.subclasses, "keep": args.keep, "bits": args.bits,
+        "network_bytes": net_bytes, "specialist_bytes": bytes_full,
+        "specialist_bytes_ratio": bytes_full / net_bytes,
+        "specialist_bytes_ratio_layer4": statistics.mean(d.nbytes for d in late.values()) / net_bytes,
+        "resident_bytes_ratio": (net_bytes + sum(d.nbytes for d in late.values())) / net_bytes,
+        "one_network_ms": 1e3 * t_one, "two_stage_hard_ms": 1e3 * t_hard, "two_stage_soft2_ms": 1e3 * t_soft,
+        "shared_trunk_hard_ms": 1e3 * t_trunk,
+        "latency_ratio_hard": t_hard / t_one, "latency_ratio_soft": t_soft / t_one,
+        "latency_ratio_shared_trunk": t_trunk / t_one,
+        "flops_ratio_hard": f_hard / f_one, "flops_ratio_soft": f_soft / f_one, "flops_ratio_shared_trunk": f_trunk / f_one,
         "specialists_per_batch": routed,
-        "apply_restore_ms": 1e3 * t_apply,
-        "peak_mem_one_mb": None if m_one is None else m_one / 2**20,
-        "peak_mem_two_stage_mb": None if m_two is None else m_two / 2**20,
-        "mem_ratio": None if m_one is None else m_two / m_one,
+        "peak_one_network_mb": m_one / 2**20, "peak_shared_trunk_mb": m_two / 2**20, "peak_memory_ratio": m_two / m_one,
     }
-    print(f"device {fig['device']}  {args.backbone} x{args.width} @ {args.image_size}px  batch {args.batch}  "
-          f"{args.superclasses} specialists, keep {args.keep}, {args.bits} bits, {args.mask} mask")
-    print(f"  stored bytes / specialist      {bytes_full:>12,.0f}  = {fig['ratio_all_stages']:.4f} of one network "
-          f"({net_bytes:,} B)   [layer4 only: {fig['ratio_layer4']:.4f}]")
-    print(f"  one vanilla forward            {fig['one_network_ms']:>10.2f} ms")
-    print(f"  two-stage hard                 {fig['two_stage_hard_ms']:>10.2f} ms  = {fig['hard_over_one']:.2f}x"
-          f"   ({routed} specialists in the batch)")
-    print(f"  two-stage soft top-2           {fig['two_stage_soft2_ms']:>10.2f} ms  = {fig['soft2_over_one']:.2f}x")
-    print(f"  two-stage hard, shared trunk   {fig['shared_trunk_hard_ms']:>10.2f} ms  = {fig['shared_trunk_over_one']:.2f}x")
-    print(f"  materialise+apply+restore      {fig['apply_restore_ms']:>10.2f} ms per delta")
-    if m_one is not None:
-        print(f"  peak device memory             {fig['peak_mem_two_stage_mb']:.1f} MiB vs {fig['peak_mem_one_mb']:.1f} MiB"
-              f"  = {fig['mem_ratio']:.3f}x")
-    else:
-        print("  peak device memory             n/a on CPU (CUDA max_memory_allocated only)")
+    print(f"device {fig['device']} ({fig['threads']} threads)  {args.backbone} x{args.width} @ {args.image_size}px  "
+          f"batch {args.batch}, {args.superclasses} specialists of {args.subclasses} classes ({routed} in the batch), "
+          f"keep {args.keep}, {args.bits} bits")
+    print(f"  stored bytes / specialist      {bytes_full:>12,.0f}  = {fig['specialist_bytes_ratio']:.4f} of one network "
+          f"({net_bytes:,} B)   [layer4 only: {fig['specialist_bytes_ratio_layer4']:.4f}]")
+    print(f"  {'':31}{'ms':>10}{'latency':>10}{'FLOPs':>8}   (x one vanilla forward)")
+    rows = [("one vanilla forward", t_one, 1.0), ("two-stage, hard", t_hard, fig["flops_ratio_hard"]),
+            ("two-stage, soft top-2", t_soft, fig["flops_ratio_soft"]),
+            ("two-stage, hard, shared trunk", t_trunk, fig["flops_ratio_shared_trunk"])]
+    for name, t, f in rows:
+        print(f"  {name:<31}{1e3 * t:>10.2f}{t / t_one:>9.2f}x{f:>7.2f}x")
+    print(f"  peak memory (shared trunk, hard) {fig['peak_shared_trunk_mb']:.1f} MiB vs {fig['peak_one_network_mb']:.1f} MiB "
+          f"for one forward = {fig['peak_memory_ratio']:.3f}x ({'CUDA allocator' if device.type == 'cuda' else 'CPU RSS'})")
+    print(f"  resident (network + packed layer4 deltas) = {fig['resident_bytes_ratio']:.3f} networks")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+        Path(args.json).write_text(json.dumps(fig, indent=2))
     return fig
 
 

@@ -1,14 +1,19 @@
-"""Load test: the two-stage app against the single-network vanilla app, side by side.
+"""Load test: the Serve graphs against a plain uvicorn peer serving the same model, side by side.
 
-Starts a local Ray + Serve (or attaches to a running Serve on loopback with ``--url``), runs
-both applications on the same bundle (``/two`` and ``/vanilla``), sends ``--requests`` real JPEG
-bodies to each at ``--concurrency`` (never for longer than ``--duration-s``), and prints latency
-percentiles, throughput and the model compute time measured inside the replicas (the response's
-``timing_ms``), so that the serving overhead over model compute is visible::
+Starts a local Ray + Serve with the fused two-stage app (``/fused``: Ingress → TwoStage), the
+per-stage graph (``/stages``: Ingress → Generalist → Specialist) and the vanilla app
+(``/vanilla``), and — in its own process — a plain uvicorn + FastAPI *peer* that decodes the same
+way and runs the same :class:`TwoStagePredictor` in process. It sends ``--requests`` real JPEG
+bodies to each at every ``--concurrency`` level, one keep-alive connection per client thread, and
+prints latency percentiles, throughput, the model compute time measured where the model runs
+(the response's ``timing_ms``) and the overhead over it (latency − compute). ``--json FILE``
+writes the figures::
 
-    .venv/bin/python benchmarks/serve_load.py --make-tiny-bundle --requests 400 --concurrency 4
+    .venv/bin/python benchmarks/serve_load.py --make-tiny-bundle --requests 300 --concurrency 1,8
 
-Loopback only: this is a measurement of the serving stack, not a load generator for other hosts.
+Loopback only: a measurement of the serving stack, not a load generator for other hosts.
+Serve's optional modes are environment variables read when Ray starts: run once more with
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between replicas, direct ingress) to compare.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import argparse
 import http.client
 import json
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,67 +32,129 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # serve_helpers: tiny bundle and test pictures
+sys.path.insert(0, str(ROOT))
 
-MODEL_STAGES = ("generalist", "specialist", "network")
+MODEL_STAGES = ("model", "generalist", "specialist", "network")
+APPS = ("fused", "stages", "vanilla", "peer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bundle", help="bundle directory or MLflow artifact URI")
+    src.add_argument("--bundle", help="bundle folder or MLflow URI")
     src.add_argument("--make-tiny-bundle", action="store_true", help="make a tiny random bundle (as the tests do)")
-    src.add_argument("--url", help="attach to a running Serve on loopback, e.g. http://127.0.0.1:8000")
-    p.add_argument("--two-prefix", default="/two", help="route prefix of the two-stage app (with --url)")
-    p.add_argument("--vanilla-prefix", default="/vanilla", help="route prefix of the vanilla app (with --url)")
-    p.add_argument("--requests", type=int, default=400, help="requests per app")
-    p.add_argument("--concurrency", type=int, default=4, help="client threads, one keep-alive connection each")
-    p.add_argument("--duration-s", type=float, default=60.0, help="stop sending to an app after this long")
-    p.add_argument("--warmup", type=int, default=20, help="unmeasured requests per app first")
+    src.add_argument("--peer-serve", metavar="BUNDLE", help=argparse.SUPPRESS)  # the peer process itself
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--requests", type=int, default=300, help="requests per app and concurrency level")
+    p.add_argument("--concurrency", default="1,8", help="comma-separated client thread counts")
+    p.add_argument("--apps", default=",".join(APPS), help=f"which of {', '.join(APPS)} to measure")
+    p.add_argument("--duration-s", type=float, default=120.0, help="stop sending to an app after this long")
+    p.add_argument("--warmup", type=int, default=30, help="unmeasured requests per app first")
     p.add_argument("--image-px", type=int, default=224, help="side of the JPEG pictures sent")
-    p.add_argument("--routing", default=None, help="two-stage routing override: hard, soft, soft:K")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="@serve.batch wait (app argument)")
+    p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
-    if a.requests < 1 or a.concurrency < 1 or a.duration_s <= 0:
-        p.error("--requests, --concurrency and --duration-s must be positive")
-    if a.url and urlparse(a.url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        p.error("--url must be a loopback address")
+    if a.requests < 1 or a.duration_s <= 0:
+        p.error("--requests and --duration-s must be positive")
+    a.levels = [int(c) for c in a.concurrency.split(",")]
+    a.apps = [x for x in a.apps.split(",") if x]
+    unknown = set(a.apps) - set(APPS)
+    if unknown:
+        p.error(f"unknown apps {sorted(unknown)}")
     return a
 
 
 # ------------------------------------------------------------------------------ serving
-def start_serve(a: argparse.Namespace, scratch: Path) -> str:
-    """Starts Ray and Serve here with both apps (Ray's files and a made bundle under
-    ``scratch``); returns the base URL."""
+def start_serve(a: argparse.Namespace, bundle: str, scratch: Path) -> str:
+    """Starts Ray and Serve here with the three apps; returns the base URL."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TMPDIR", str(scratch / "ray"))
-    import socket
-
     import ray
     from ray import serve
 
     from serve.app import app, vanilla_app
 
-    bundle = a.bundle
-    if a.make_tiny_bundle:
-        from serve_helpers import make_tiny_bundle
-
-        bundle = str(make_tiny_bundle(scratch / "bundle"))
-    args = {"bundle": bundle}
-    if a.batch_wait_ms is not None:
-        args["batch_wait_ms"] = a.batch_wait_ms
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    args = {"bundle": bundle, **({"batch_wait_ms": a.batch_wait_ms} if a.batch_wait_ms is not None else {})}
+    port = free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=500_000_000, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Access logs off: a log line per request and replica is measurable on two cores.
-    quiet = {"enable_access_log": False}
+    quiet = {"enable_access_log": False}  # a log line per request and replica is measurable on two cores
     t0 = time.perf_counter()
-    serve.run(app({**args, **({"routing": a.routing} if a.routing else {})}), name="two", route_prefix="/two", logging_config=quiet)
-    serve.run(vanilla_app(args), name="vanilla", route_prefix="/vanilla", logging_config=quiet)
-    print(f"serve: both apps up in {time.perf_counter() - t0:.1f} s on bundle {bundle}", flush=True)
+    if "fused" in a.apps:
+        serve.run(app(args), name="fused", route_prefix="/fused", logging_config=quiet)
+    if "stages" in a.apps:
+        serve.run(app({**args, "graph": "stages"}), name="stages", route_prefix="/stages", logging_config=quiet)
+    if "vanilla" in a.apps:
+        serve.run(vanilla_app(args), name="vanilla", route_prefix="/vanilla", logging_config=quiet)
+    print(f"serve: apps up in {time.perf_counter() - t0:.1f} s on bundle {bundle}", flush=True)
     return f"http://127.0.0.1:{port}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer_serve(bundle: str, port: int) -> None:
+    """The peer: uvicorn + FastAPI, the same decoding and the same two-stage predictor, in one
+    process, one request at a time through the model (what a hand-written service would be)."""
+    import threading as th
+
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
+
+    from serve.images import Limits, decode_all, preprocessor, request_images
+    from supersub.data.dataset import eval_draft_size
+    from supersub.remote import open_bundle
+
+    b = open_bundle(bundle)
+    predictor, routing, limits = b.predictor("cpu", cache_items=16, cache_bytes=1 << 34), b.routing(), Limits()
+    transform, draft = preprocessor(b.image_size), eval_draft_size(b.image_size)
+    lock, api = th.Lock(), FastAPI()
+
+    def model(x):
+        with lock:
+            t0 = time.perf_counter()
+            fine, sup = predictor.predict(x, routing)
+            return fine, sup, (time.perf_counter() - t0) * 1000
+
+    @api.post("/predict")
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        images, _ = await request_images(request, limits)
+        x, decode_ms = await run_in_threadpool(decode_all, images, limits, draft, transform)
+        fine, sup, ms = await run_in_threadpool(model, x)
+        f, s = int(fine[0].argmax()), int(sup[0].argmax())
+        return {"superclass": b.hierarchy.superclasses[s].id, "subclass": b.hierarchy.subclasses[f].id,
+                "timing_ms": {"decode": decode_ms[0], "model": ms, "total": (time.perf_counter() - t0) * 1000}}
+
+    @api.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def start_peer(bundle: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--peer-serve", bundle, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the uvicorn peer did not start")
 
 
 # ------------------------------------------------------------------------------ load
@@ -101,6 +168,7 @@ def run_load(url: str, path: str, bodies: list[bytes], n: int, concurrency: int,
     """``n`` POSTs of the bodies in turn from ``concurrency`` threads; per-request latency and
     the response's ``timing_ms``; failures are counted, never retried."""
     u = urlparse(url)
+    path = u.path.rstrip("/") + path
     lock = threading.Lock()
     next_i, results, errors = [0], [], []
     deadline = time.perf_counter() + duration_s
@@ -152,79 +220,75 @@ def summarise(run: dict) -> dict[str, float | str]:
     lat = [ms for ms, _ in run["results"]]
     compute = [sum(t.get(k, 0.0) for k in MODEL_STAGES) for _, t in run["results"]]
     decode = [t["decode"] for _, t in run["results"]]
-    total = [t["total"] for _, t in run["results"]]
     over = [ms - c for (ms, _), c in zip(run["results"], compute)]
-    over_nodecode = [o - d for o, d in zip(over, decode)]
     return {
-        "ok / sent": f"{len(lat)}/{run['sent']}",
-        "throughput (req/s)": len(lat) / run["wall_s"],
-        "latency p50 (ms)": pct(lat, 50),
-        "latency p99 (ms)": pct(lat, 99),
-        "model compute p50 (ms)": pct(compute, 50),
-        "decode+preprocess p50 (ms)": pct(decode, 50),
-        "ingress total p50 (ms)": pct(total, 50),
-        "overhead over model compute p50 (ms)": pct(over, 50),
-        "  same, without decode p50 (ms)": pct(over_nodecode, 50),
-        "mean (ms)": statistics.fmean(lat) if lat else float("nan"),
+        "ok/sent": f"{len(lat)}/{run['sent']}",
+        "req/s": len(lat) / run["wall_s"],
+        "p50 ms": pct(lat, 50),
+        "p99 ms": pct(lat, 99),
+        "compute p50 ms": pct(compute, 50),
+        "decode p50 ms": pct(decode, 50),
+        "overhead p50 ms": pct(over, 50),
+        "overhead w/o decode p50 ms": pct([o - d for o, d in zip(over, decode)], 50),
     }
-
-
-def floor_ms(url: str, path: str, n: int = 100) -> float:
-    """p50 of GET healthz, one at a time: the proxy + ingress round trip with no model at all."""
-    u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        conn.request("GET", path)
-        conn.getresponse().read()
-        lat.append((time.perf_counter() - t0) * 1000)
-    conn.close()
-    return pct(lat, 50)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.url:
-        return measure(a, a.url.rstrip("/"))
+    if a.peer_serve:
+        peer_serve(a.peer_serve, a.port)
+        return 0
     # A short path: Ray's socket paths must stay under ~107 characters.
     with tempfile.TemporaryDirectory(prefix="ssload-", dir="/tmp") as scratch:
+        bundle = a.bundle
+        if a.make_tiny_bundle:
+            from serve_helpers import make_tiny_bundle
+
+            bundle = str(make_tiny_bundle(Path(scratch) / "bundle"))
+        peer, urls = None, {}
         try:
-            return measure(a, start_serve(a, Path(scratch)))
+            if "peer" in a.apps:
+                peer, urls["peer"] = start_peer(bundle)
+            if set(a.apps) - {"peer"}:
+                url = start_serve(a, bundle, Path(scratch))
+                urls.update({x: f"{url}/{x}" for x in a.apps if x != "peer"})
+            return measure(a, urls)
         finally:
-            import ray
-            from ray import serve
+            if peer is not None:
+                peer.terminate()
+                peer.wait(timeout=30)
+            if set(a.apps) - {"peer"}:
+                import ray
+                from ray import serve
 
-            serve.shutdown()
-            ray.shutdown()
+                serve.shutdown()
+                ray.shutdown()
 
 
-def measure(a: argparse.Namespace, url: str) -> int:
-    prefixes = {"two-stage": a.two_prefix.rstrip("/"), "vanilla": a.vanilla_prefix.rstrip("/")}
+def measure(a: argparse.Namespace, urls: dict[str, str]) -> int:
     bodies = pictures(32, a.image_px)
-    summaries, floors = {}, {}
-    for name, prefix in prefixes.items():
-        run_load(url, prefix + "/predict", bodies, a.warmup, min(a.concurrency, a.warmup), a.duration_s)
-        run = run_load(url, prefix + "/predict", bodies, a.requests, a.concurrency, a.duration_s)
-        summaries[name] = summarise(run)
-        floors[name] = floor_ms(url, prefix + "/healthz")
-        if run["errors"]:
-            print(f"{name}: {len(run['errors'])} failed, e.g. {run['errors'][:3]}", file=sys.stderr)
-    print(
-        f"\n{a.requests} requests per app at concurrency {a.concurrency} (limit {a.duration_s:.0f} s), "
-        f"{a.image_px}x{a.image_px} JPEG bodies, loopback, {os.cpu_count()} CPUs"
-    )
-    names = list(summaries)
-    print(f"{'':40s}" + "".join(f"{n:>14s}" for n in names))
-    for key in summaries[names[0]]:
-        cells = [summaries[n][key] for n in names]
-        print(f"{key:40s}" + "".join(f"{c:>14.2f}" if isinstance(c, float) else f"{c:>14s}" for c in cells))
-    print(f"{'floor: GET /healthz p50, 1 at a time (ms)':40s}" + "".join(f"{floors[n]:>14.2f}" for n in names))
-    print(
-        "model compute = generalist + specialist (two-stage) or network (vanilla), from timing_ms, measured in the "
-        "replicas;\noverhead = client latency - model compute, per request (decode, HTTP proxy, handle hops, batching waits)."
-    )
-    return 0 if all(not s["ok / sent"].startswith("0/") for s in summaries.values()) else 1
+    table = {}
+    for c in a.levels:
+        for name in a.apps:  # interleaved per level: load drifts hit every app alike
+            base = urls[name]
+            run_load(base, "/predict", bodies, a.warmup, min(c, a.warmup), a.duration_s)
+            run = run_load(base, "/predict", bodies, a.requests, c, a.duration_s)
+            table[(name, c)] = summarise(run)
+            if run["errors"]:
+                print(f"{name} c={c}: {len(run['errors'])} failed, e.g. {run['errors'][:3]}", file=sys.stderr)
+    print(f"\n{a.requests} requests per app and level, {a.image_px}x{a.image_px} JPEG bodies, loopback, "
+          f"{os.cpu_count()} CPUs; compute = the model's time where it runs (timing_ms), overhead = latency - compute")
+    keys = list(next(iter(table.values())))
+    print(f"{'app':10s}{'c':>4s}" + "".join(f"{k:>16s}" for k in keys))
+    for (name, c), row in table.items():
+        print(f"{name:10s}{c:>4d}" + "".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16s}" for v in row.values()))
+    for c in a.levels:
+        if ("fused", c) in table and ("peer", c) in table:
+            f, p = table[("fused", c)], table[("peer", c)]
+            print(f"c={c}: fused/peer throughput {f['req/s'] / p['req/s']:.2f}; fused overhead p50 {f['overhead p50 ms']:.1f} ms")
+    if a.json:
+        Path(a.json).write_text(json.dumps({f"{n}@c{c}": r for (n, c), r in table.items()}, indent=2))
+    return 0 if all(not r["ok/sent"].startswith("0/") for r in table.values()) else 1
 
 
 if __name__ == "__main__":

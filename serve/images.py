@@ -5,17 +5,21 @@ A request carries images as the raw body (``image/*``), as multipart ``file`` pa
 :class:`BadInput` with an HTTP status and a reason; nothing here may raise anything else for
 bad bytes, so a malicious or broken request can never answer 5xx or take a replica down.
 
-Status codes: 400 malformed (empty body, bad base64, bad JSON, bad multipart), 413 too large
-(body, pixels, images per request), 415 unsupported content type, 422 well-formed but unusable
-(not an image, truncated image, JSON of the wrong shape).
+Status codes: 400 malformed (empty body, bad base64, bad JSON — nested too deep too —, bad
+multipart), 408 a body that does not arrive within ``body_timeout_s`` (a slow client holds no
+slot for long), 413 too large (body, pixels of one image or of the whole request, images per
+request, decoding time), 415 unsupported content type, 422 well-formed but unusable (not an
+image, truncated image, JSON of the wrong shape).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -47,22 +51,35 @@ class BadInput(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024  # a large phone JPEG is ~10 MB; base64 adds a third
-    max_pixels: int = 40_000_000  # ~ a 50 MP photo; PIL's own bomb guard is at 89 M
+    max_pixels: int = 40_000_000  # one image, ~ a 50 MP photo; PIL's own bomb guard is at 89 M
+    max_request_pixels: int = 80_000_000  # all images of one request together
     max_batch: int = 16  # images per request
+    body_timeout_s: float = 10.0  # the whole body must arrive within this
+    decode_timeout_s: float = 5.0  # decoding a request's images may take this long (checked per image)
 
 
 # ------------------------------------------------------------------------------ request → bytes
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it (or its declared length) passes ``limit``."""
+async def read_body(request: Request, limit: int, timeout_s: float = Limits.body_timeout_s) -> bytes:
+    """The body, refused with 413 as soon as it (or its declared length) passes ``limit``, and
+    with 408 when it has not all arrived after ``timeout_s``: a client sending a byte now and
+    then would otherwise hold a request slot for as long as it likes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"body of {declared} bytes exceeds max_body_bytes={limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads have no content-length: count as they come
-            raise BadInput(413, f"body exceeds max_body_bytes={limit}")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked uploads have no content-length: count as they come
+                raise BadInput(413, f"body exceeds max_body_bytes={limit}")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadInput(408, f"the body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
@@ -76,7 +93,7 @@ async def request_images(request: Request, limits: Limits) -> tuple[list[bytes],
             f"unsupported content type {kind or '(none)'!r}: send image/jpeg, image/png, image/webp, ..., "
             "multipart/form-data with 'file' parts, or application/json {\"image\": base64}",
         )
-    body = await read_body(request, limits.max_body_bytes)
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
     if not body:
         raise BadInput(400, "empty body")
     if kind == "application/json":
@@ -96,6 +113,8 @@ def _json_images(body: bytes) -> tuple[list[bytes], bool]:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # [[[[...]]]] 100,000 deep: Python's parser gives up on the stack
+        raise BadInput(400, "malformed JSON: nested too deep") from None
     if not isinstance(doc, dict) or ("image" in doc) == ("images" in doc):
         raise BadInput(422, 'JSON body must be an object with either "image" (base64) or "images" (list)')
     batch = "images" in doc
@@ -160,6 +179,35 @@ def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image
             raise BadInput(422, "image has no pixels")
         raise BadInput(422, "truncated image" if event == SKIPPED_TRUNCATED else "unreadable image")
     return decoded.image
+
+
+def decode_all(images: list[bytes], limits: Limits, draft_size: int | None,
+               transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    """A request's images decoded and preprocessed ``[B, 3, S, S]`` with per-image times (ms),
+    within the request's budget: at most ``max_request_pixels`` pixels (read from the headers,
+    before decoding) and ``decode_timeout_s`` seconds of decoding altogether."""
+    pixels = 0
+    for i, data in enumerate(images):
+        try:
+            w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
+        except Exception:  # noqa: BLE001 - decode() below says what is wrong with this image
+            continue
+        pixels += w * h
+        if pixels > limits.max_request_pixels:
+            raise BadInput(413, f"the request's images have more than max_request_pixels={limits.max_request_pixels} "
+                                f"pixels together (at image {i})")
+    start = time.perf_counter()
+    tensors, ms = [], []
+    for i, data in enumerate(images):
+        if time.perf_counter() - start > limits.decode_timeout_s:
+            raise BadInput(413, f"decoding took longer than decode_timeout_s={limits.decode_timeout_s:g} s (at image {i})")
+        t0 = time.perf_counter()
+        try:
+            tensors.append(transform(decode(data, limits.max_pixels, draft_size)))
+        except BadInput as e:
+            raise BadInput(e.status, f"image {i}: {e.reason}" if len(images) > 1 else e.reason) from None
+        ms.append((time.perf_counter() - t0) * 1000)
+    return torch.stack(tensors), ms
 
 
 def preprocessor(image_size: int) -> Callable[[Image.Image], torch.Tensor]:

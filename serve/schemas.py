@@ -22,10 +22,11 @@ class Prediction(BaseModel):
     superclass: ClassScore
     subclass: ClassScore
     top_k: list[Scored] = Field(description="most probable subclasses, most probable first")
+    routing: str = Field(description="the routing that produced the answer (e.g. soft:2@0.7+0.25), or vanilla")
     timing_ms: dict[str, float] = Field(
-        description="per stage, measured in the replicas: decode (this image), generalist and specialist "
-        "(two-stage app) or network (single-network app) for the request's images, total (whole request "
-        "inside the ingress)"
+        description="per stage, measured in the replicas: decode (this image), model (fused two-stage graph), "
+        "generalist and specialist (per-stage graph) or network (single-network app) for the request's images, "
+        "total (whole request inside the ingress)"
     )
 
 
@@ -38,7 +39,8 @@ class Health(BaseModel):
     app: str
     bundle: str
     resident: str
-    routing: dict | None
+    routing: str | None = Field(description="the routing answers use unless a request asks for another")
+    routings: dict[str, str] = Field(description="the routings the bundle stores, by name")
     superclasses: int
     subclasses: int
     image_size: int

@@ -7,11 +7,13 @@ probabilities sum to superclass probabilities) stays on the device and is never 
   output of the stages before the first delta stage (the *trunk*). A specialist only runs the
   stages that carry its delta, and its head, on the trunk of the images routed to it: with
   deltas on ``layer4`` alone, a specialist pass costs ~a fifth of a network.
-* **Specialist weights beside the resident's, not in place.** A specialist's weights for the
-  delta stages are computed from the resident's and its decoded delta
-  (:func:`supersub.delta.specialist_weights`) and the stages run functionally
-  (:meth:`supersub.models.ResNet.forward_stages_with`): same ops as applying the delta in place,
-  bit for bit, but nothing is changed, so threads (Serve's batches) may share one predictor.
+* **A delta costs its own entries, not a copy of the network.** For a routed group the decoded
+  delta is added at its positions of the resident's weights, the delta stages run with the
+  specialist's BatchNorm tensors passed in (:meth:`supersub.models.ResNet.forward_stages_with`),
+  and the saved entries are written back: a few scatters of the kept entries (5 % of a stage's
+  weights), no copy of the stage's weights — which on a ResNet is most of the network. The same
+  arithmetic as :func:`supersub.delta.applied`, bit for bit. One lock serialises a predictor's
+  forward passes (stage one must never see a patched network), so threads may share it.
 * **Decoded deltas cached by bytes.** Packed deltas stay in host memory; decoded ones (positions
   and values) are kept in an LRU bounded by ``cache_bytes`` (0: decode on every use, the least
   memory; evaluation keeps them all).
@@ -21,6 +23,7 @@ Routing (which specialists, how answers combine) is :mod:`supersub.routing`'s bu
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Literal
 
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from supersub.cache import LRU
-from supersub.delta import MaterializedDelta, PackedDelta, get_method, specialist_weights
+from supersub.delta import MaterializedDelta, PackedDelta, get_method
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import superclass_probs
 from supersub.models import STAGES, ResNet, stage_of
@@ -52,6 +55,7 @@ class TwoStagePredictor:
         *,
         amp: torch.dtype | None = None,
         cache_bytes: int = 0,
+        cache_items: float = float("inf"),
     ) -> None:
         missing = sorted(set(range(hierarchy.num_superclasses)) - set(deltas))
         if missing:
@@ -65,10 +69,11 @@ class TwoStagePredictor:
         self.hierarchy, self.deltas, self.resident = hierarchy, deltas, resident
         self.amp, self.cache_bytes = amp, cache_bytes
         self.first_stage = min(int(d.meta["first_stage"]) for d in deltas.values())  # earlier stages: the trunk
-        # The resident's conv weights that a delta may change, by module name.
-        self._weights = {n: m.weight for n, m in self.base.named_modules()
-                         if isinstance(m, nn.Conv2d) and stage_of(n) >= self.first_stage}
-        self._cache: LRU[MaterializedDelta] = LRU(cache_bytes, size=lambda m: m.nbytes)
+        # Flat views of the resident's conv weights that a delta may change, by module name.
+        self._flat = {n: m.weight.data.view(-1) for n, m in self.base.named_modules()
+                      if isinstance(m, nn.Conv2d) and stage_of(n) >= self.first_stage}
+        self._lock = threading.RLock()
+        self._cache: LRU[MaterializedDelta] = LRU(cache_bytes, cache_items, size=lambda m: m.nbytes)
         self.timings = {"stage1_s": 0.0, "stage2_s": 0.0, "specialist_passes": 0, "images": 0}
 
     # ------------------------------------------------------------------ pieces
@@ -88,7 +93,7 @@ class TwoStagePredictor:
     def stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Trunk ``[B, ...]`` (the output of the stages before the first delta stage), superclass
         probabilities ``[B, S]`` and, for a vanilla resident, its subclass probabilities ``[B, C]``."""
-        with self._autocast():
+        with self._lock, self._autocast():
             trunk = self.base.forward_stages(x, 0, self.first_stage)
             logits = self.base.forward_head(self.base.forward_stages(trunk, self.first_stage, len(STAGES))).float()
         probs = torch.softmax(logits, 1)
@@ -101,10 +106,20 @@ class TwoStagePredictor:
         """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features ``[b, ...]``
         (``delta``: an already decoded delta, e.g. from a serving cache)."""
         d = delta if delta is not None else self.materialized(s)
-        weights = specialist_weights(self._weights, d)
-        with self._autocast():
-            h = self.base.forward_stages_with(trunk, self.first_stage, len(STAGES), weights, d.bn)
-            return torch.softmax(self.base.forward_head(h, d.head).float(), 1)
+        with self._lock:
+            saved = []
+            try:
+                for name, (pos, values) in d.weights.items():  # W0[pos] + values, as applied() does
+                    flat = self._flat[name]
+                    orig = flat[pos]
+                    saved.append((flat, pos, orig))
+                    flat[pos] = orig + values
+                with self._autocast():
+                    h = self.base.forward_stages_with(trunk, self.first_stage, len(STAGES), {}, d.bn)
+                    return torch.softmax(self.base.forward_head(h, d.head).float(), 1)
+            finally:
+                for flat, pos, orig in saved:  # the exact entries back, never a subtraction
+                    flat[pos] = orig
 
     @torch.no_grad()
     def specialists(self, trunk: torch.Tensor, p: Plan) -> dict[int, torch.Tensor]:
@@ -113,7 +128,9 @@ class TwoStagePredictor:
 
     # ------------------------------------------------------------------ batches
     @torch.no_grad()
-    def _outputs(self, x: torch.Tensor, routing: Routing, forced: torch.Tensor | None = None) -> StageOutputs:
+    def outputs(self, x: torch.Tensor, routing: Routing, forced: torch.Tensor | None = None) -> StageOutputs:
+        """Stage one and the specialists ``routing`` needs (or the ``forced`` superclass per
+        image), as :class:`StageOutputs` for :func:`supersub.routing.combine`."""
         x = x.to(self.device)
         t0 = time.perf_counter()
         trunk, sup, resident_fine = self.stage1(x)
@@ -131,11 +148,11 @@ class TwoStagePredictor:
         of the ``forced`` superclass per image: oracle routing), for recombining under several
         routings (calibration)."""
         top = min(top, self.hierarchy.num_superclasses)
-        return self._outputs(x, Routing("soft", top) if top > 1 else Routing("hard"), forced)
+        return self.outputs(x, Routing("soft", top) if top > 1 else Routing("hard"), forced)
 
     def predict(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine probabilities ``[B, C]`` and superclass probabilities ``[B, S]`` for images
         ``[B, 3, H, W]``, running only the specialists that ``routing`` needs."""
-        out = self._outputs(x, routing)
+        out = self.outputs(x, routing)
         return combine(out, routing), out.super_probs
 

@@ -80,7 +80,7 @@ def stop_session_ray() -> None:
 
 def tiny_config(out: Path, tracking_uri: str | None, *extra: str):
     from supersub.config import load_config
-    from supersub.pipeline import PipelineConfig
+    from supersub.pipeline_config import PipelineConfig
 
     tracking = [f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else ["tracking.enabled=false"]
     return load_config(PipelineConfig, DEFAULT_CONFIG, [*TINY, *tracking, *extra])
@@ -124,12 +124,34 @@ def tiny_run(root: Path) -> dict[str, Any]:
 
 
 def copy_without_specialists(src: Path, dst: Path) -> Path:
-    """A copy of a pipeline output whose specialists, bundle and metrics must be made again (the
-    stages' task.json stamps hold no paths, so the moved copy resumes)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray", "bundle", "predictions.parquet"))
+    """A copy of a pipeline output whose specialists, bundle and metrics must be made again (task
+    folders are named by fingerprint and their identities hold no paths, so the moved copy reuses
+    its networks)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray", "bundle", "predictions.parquet", "report"))
     (dst / "metrics.json").unlink(missing_ok=True)
-    shutil.rmtree(dst / "specialists", ignore_errors=True)
+    for folder in (dst / "tasks").glob("specialist_*"):
+        shutil.rmtree(folder)
     return dst
+
+
+def fail_once_after_epoch_1(task, epoch: int, rank: int) -> None:
+    """An ``epoch_hook`` for the RayRunner: records every epoch a worker reports (in the task's
+    folder), and the first time the vanilla network's rank-0 worker reports epoch 1 — after the
+    controller has committed that epoch's checkpoint (a report is registered asynchronously) —
+    the process exits, as a lost worker would. Train's FailureConfig restarts the worker group."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    log = Path(task.out_dir) / "epochs.log"
+    with open(log, "a") as f:
+        f.write(f"{epoch}\n")
+    marker = Path(task.out_dir) / "failed_once"
+    if rank != 0 or task.name != "vanilla" or epoch != 1 or marker.exists():
+        return
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=60)
+    marker.write_text("failure injected after epoch 1\n")
+    print("injected failure: worker process exits after epoch 1", flush=True)
+    os._exit(1)
 
 
 def parquet_source(root: Path, superclasses: int = 2, subclasses: int = 3, per_class: int = 40, size: int = 16):
@@ -217,15 +239,6 @@ def two_node_main(out: str) -> None:
     from jobs.runner import RayRunner
     from supersub.pipeline import run_pipeline
 
-    class Recorder:  # a Tracker that keeps the stage results
-        stages: dict[str, Any] = {}
-
-        def stage(self, name: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-            self.stages[name] = result
-
-        def summary(self, metrics: dict[str, Any], artifacts: list[Path]) -> None:
-            pass
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
     try:
@@ -235,12 +248,11 @@ def two_node_main(out: str) -> None:
         storage = (Path(out) / "ray-storage").resolve().as_uri()
         cfg = tiny_config(Path(out), None, "resources.specialist_cpus=1.0", f"resources.storage_path={storage}")
         lines: list[str] = []
-        recorder = Recorder()
-        run_pipeline(cfg, Path(out), RayRunner(cfg.resources, out, log=lines.append), recorder, lines.append)
+        metrics = run_pipeline(cfg, Path(out), RayRunner(cfg.resources, out, log=lines.append), log=lines.append)
+        placed = {name: json.loads((Path(folder) / "metrics.json").read_text()).get("node_id")
+                  for name, folder in metrics["tasks"].items() if name.startswith("specialist_")}
         print("RESULT " + json.dumps({
-            "nodes": [cluster.head_node.node_id, worker.node_id],
-            "specialist_nodes": {k: v["ray"]["node_ids"] for k, v in recorder.stages.items()},
-            "log": lines,
+            "nodes": [cluster.head_node.node_id, worker.node_id], "specialist_nodes": placed, "log": lines,
         }), flush=True)
     finally:
         ray.shutdown()

@@ -17,13 +17,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from supersub.bundle import NetworkSpec, write_bundle
+from supersub.bundle import write_bundle
 from supersub.data import build_transforms
 from supersub.delta import DeltaConfig, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.models import ModelConfig, build_model
+from supersub.networks import NetworkSpec
 
 IMAGE_SIZE = 32
+# What a pipeline would have calibrated; the bundle serves "soft" (threshold 0.9: some pictures
+# pass it, others do not, so every routing path runs).
+ROUTINGS = {
+    "vanilla": {"hard": "hard", "soft": "soft:2@0.9", "hard_pooled": "hard+0.5", "soft_pooled": "soft:2@0.9+0.5"},
+    "generalist": {"hard": "hard", "soft": "soft:2@0.9"},
+}
 
 
 def tiny_hierarchy(num_superclasses: int = 3) -> Hierarchy:
@@ -69,7 +76,7 @@ def make_tiny_bundle(
     resident: Literal["vanilla", "generalist"] = "vanilla",
     stages: tuple[str, ...] = ("layer3", "layer4"),
     num_superclasses: int = 3,
-    routing: dict | None = None,
+    routings: dict[str, str] | None = None,
     seed: int = 0,
 ) -> Path:
     """Writes a bundle to ``out``: the resident network, one delta per superclass (with an
@@ -101,7 +108,9 @@ def make_tiny_bundle(
         hierarchy=h,
         deltas=deltas,
         delta_cfg=cfg,
-        routing=routing or {"mode": "soft", "k": 2, "threshold": 0.9, "resident_weight": 0.0, "calibrate": False},
+        routings=routings or ROUTINGS[resident],
+        serves={"model": "two_stage_soft", "routing": (routings or ROUTINGS[resident])["soft"]},
+        evaluation={"batch_size": 64, "top": 3},
         baselines=baselines,
     )
     return Path(out)

@@ -33,10 +33,10 @@ from ray_helpers import (
 )
 
 from jobs.pipeline import build_parser, help_config, overrides_from
-from jobs.tracking import flatten, numeric
-from supersub.config import load_config
+from jobs.tracking import numeric
+from supersub.config import dotted_keys, load_config
 from supersub.data import load_manifest
-from supersub.pipeline import PipelineConfig
+from supersub.pipeline_config import PipelineConfig
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -57,21 +57,45 @@ def test_cli_parses_overrides_and_help_config(tmp_path: Path) -> None:
 
 
 def test_metric_flattening() -> None:
-    flat = flatten({"models": {"vanilla": {"top1": 1.0}}, "specialists": [{"val_acc": 2}], "name": "x"})
+    flat = dotted_keys({"models": {"vanilla": {"top1": 1.0}}, "specialists": [{"val_acc": 2}], "name": "x"}, lists=True)
     assert flat == {"models.vanilla.top1": 1.0, "specialists.0.val_acc": 2, "name": "x"}
     assert numeric({**flat, "sizes": [3, 4], "nan": float("nan"), "ok": True}) == {
         "models.vanilla.top1": 1.0, "specialists.0.val_acc": 2.0, "sizes.0": 3.0, "sizes.1": 4.0}
 
 
 def test_default_tracking_uri(tmp_path: Path, monkeypatch) -> None:
-    import jobs.tracking as tracking
+    import supersub.remote as remote
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "DEFAULT_HOME", tmp_path / "home")
-    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path}/home/mlflow.db"  # sqlite:////abs/...
+    monkeypatch.setattr(remote, "HOME", tmp_path / "home")
+    assert remote.default_tracking_uri() == f"sqlite:///{tmp_path}/home/mlflow.db"  # sqlite:////abs/...
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.default_tracking_uri() == "http://127.0.0.1:5000"
-    assert tracking.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{Path.cwd() / 'rel.db'}"
+    assert remote.default_tracking_uri() == "http://127.0.0.1:5000"
+    assert remote.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{Path.cwd() / 'rel.db'}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data.source=/nonexistent"], "source not found: /nonexistent"),
+    (["data.hierarchy=nonsense"], "unknown hierarchy 'nonsense'"),
+    (["delta.bits=5"], "delta.bits"),
+])
+def test_user_errors_are_one_line_before_ray_or_mlflow(tmp_path: Path, args: list[str], message: str) -> None:
+    """Exit 2, one line, no traceback — and nothing started: no Ray, no MLflow run, no folder."""
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(tmp_path / "out"), *args,
+         f"tracking.tracking_uri=sqlite:///{db}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "ray:" not in proc.stdout
+    assert not db.exists() and not (tmp_path / "out").exists()
+    out_file = tmp_path / "file"
+    out_file.write_text("x")
+    proc = subprocess.run([PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(out_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
+    assert proc.returncode == 2 and "is a file" in proc.stderr
 
 
 def test_ray_data_loader_matches_core_targets() -> None:
@@ -127,17 +151,18 @@ def test_local_runner_without_ray_or_mlflow(tmp_path: Path) -> None:
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_pipeline_end_to_end(tiny: dict) -> None:
+def test_pipeline_end_to_end_with_live_mlflow_runs_and_a_registered_model(tiny: dict) -> None:
+    import mlflow
+    import pandas as pd
     from mlflow.tracking import MlflowClient
+    from serve_helpers import image_bytes
 
     out = tiny["out"]
-    for name in ("bundle/manifest.json", "metrics.json", "config.yaml"):
+    for name in ("bundle/manifest.json", "metrics.json", "config.yaml", "report/index.html"):
         assert (out / name).is_file(), name
     assert load_config(PipelineConfig, out / "config.yaml").resources.runner == "ray"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"vanilla", "two_stage_hard", "two_stage_soft"} <= set(metrics["models"])
-    log = "\n".join(tiny["log"])
-    assert "[specialists" in log and "done 2/2" in log  # the progress display
+    assert {"vanilla", "vanilla_long", "delta_all", "two_stage_hard", "two_stage_soft"} <= set(metrics["models"])
 
     client = MlflowClient(tiny["uri"])
     exp = client.get_experiment_by_name("supersub")
@@ -145,57 +170,87 @@ def test_pipeline_end_to_end(tiny: dict) -> None:
     parent = next(r for r in runs if r.info.run_name == "pipeline:default")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["delta.keep"] == "0.05"
-    assert "models.two_stage_soft.top1" in parent.data.metrics
+    assert parent.data.metrics["top1_vanilla"] == pytest.approx(metrics["models"]["vanilla"]["top1"])
+    assert "top1_served" in parent.data.metrics and "models/two_stage_soft/top1" in parent.data.metrics
+    assert not any(k.startswith(("hierarchy", "routing", "specialists")) for k in parent.data.metrics)  # settings
+    assert parent.data.tags["routing.soft"] == metrics["routing"]["soft"]
+    assert parent.inputs.dataset_inputs[0].dataset.digest == metrics["manifest_fingerprint"][:16]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "metrics.json", "hierarchy.json", "bundle"} <= artifacts
+    assert {"config.yaml", "metrics.json", "hierarchy.json", "report"} <= artifacts
+
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(nested) == {"vanilla", "specialist_0", "specialist_1"}
+    assert {"vanilla", "specialist_0", "specialist_1", "delta_all", "vanilla_long"} <= set(nested)
+    for name, run in nested.items():  # live: the run lasted as long as the task did
+        assert run.info.status == "FINISHED", name
+        wall = json.loads((Path(metrics["tasks"][name]) / "metrics.json").read_text())["wall_seconds"]
+        duration = (run.info.end_time - run.info.start_time) / 1000
+        assert abs(duration - wall) <= 0.2 * wall + 1.0, (name, duration, wall)
     for name in ("specialist_0", "specialist_1"):  # complete per-epoch curves, logged concurrently
         run_id = nested[name].info.run_id
-        for key in ("train_loss", "val_acc", "images_per_s"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], (name, key)
+        for key in ("train_loss", "val_acc", "images_per_s", "lr"):
+            history = client.get_metric_history(run_id, key)
+            assert sorted(m.step for m in history) == [1, 2], (name, key)
         assert "delta_bytes" in nested[name].data.metrics and "final_val_acc" in nested[name].data.metrics
+
+    # the bundle as a registered MLflow model that loads and predicts
+    versions = client.search_model_versions("name='supersub'")
+    latest = max(versions, key=lambda v: int(v.version))
+    assert latest.run_id == parent.info.run_id and "top1_served" in latest.tags
+    mlflow.set_tracking_uri(tiny["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/supersub/{latest.version}")
+    answer = model.predict(pd.DataFrame({"image": [image_bytes(i) for i in range(3)]}))
+    assert len(answer) == 3 and set(answer["routing"]) == {metrics["serves"]["routing"]}
+    h = json.loads((out / "bundle" / "manifest.json").read_text())["hierarchy"]
+    assert set(answer["subclass_id"]) <= {c["id"] for s in h["superclasses"] for c in s["subclasses"]}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(tiny: dict) -> None:
+def test_rerun_reuses_finished_tasks_and_retrains_on_other_data(tiny: dict, tmp_path: Path) -> None:
     from jobs.pipeline import run
 
     lines: list[str] = []
     cfg = tiny_config(tiny["out"], tiny["uri"])
-    call_with_timeout(run, 180, cfg, tiny["out"], log=lines.append)
+    call_with_timeout(run, 240, cfg, tiny["out"], log=lines.append)
     log = "\n".join(lines)
-    for name in ("vanilla", "specialist_0", "specialist_1"):
-        assert f"{name}: done earlier, skipped" in log
-    assert "[networks" not in log and "[specialists" not in log  # no Train run started
+    for name in ("vanilla", "specialist_0", "specialist_1", "delta_all", "vanilla_long"):
+        assert f"{name}: done earlier with the same inputs and settings, reused" in log
+    assert "as Ray Train run" not in log  # no Train run started
+    # The issue's case: the same --out with other data retrains the vanilla network, never reuses it.
+    copy = copy_without_specialists(tiny["out"], tmp_path / "other")
+    lines.clear()
+    call_with_timeout(run, 480, tiny_config(copy, None, "data.max_train_per_class=20"), copy, log=lines.append)
+    assert any(line.startswith("vanilla: data.manifest changed") for line in lines), lines
+    assert any(line.startswith("vanilla: started as Ray Train run") for line in lines)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path, monkeypatch) -> None:
-    """Failure injection (SUPERSUB_FAIL_ONCE, jobs/runner.py): the rank-0 worker process exits
-    after epoch 1's checkpoint is committed; Train's FailureConfig restarts the worker group,
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> None:
+    """Failure injection (an epoch hook the test passes to the runner): the rank-0 worker process
+    exits after epoch 1's checkpoint is committed; Train's FailureConfig restarts the worker group,
     which must resume at epoch 2. Also runs DDP over 2 workers, and the Ray Data input path
     reading a Parquet image source (PNG bytes in row groups)."""
-    from jobs.runner import RayRunner
-    from supersub.pipeline import _data_options, network_tasks, prepare_data
+    from ray_helpers import fail_once_after_epoch_1
 
-    monkeypatch.setenv("SUPERSUB_FAIL_ONCE", "vanilla:1")
+    from jobs.runner import RayRunner
+    from supersub.pipeline import data_options, network_task, prepare_data
+    from supersub.runner import run_tasks
+
     source, hierarchy = parquet_source(tmp_path / "source")
     cfg = tiny_config(tmp_path, None, "resources.num_workers=2", "resources.cpus_per_worker=0.5", "data.loader=ray_data",
                       f"data.source={source}", f"data.hierarchy={hierarchy}")
     manifest_dir = prepare_data(cfg, tmp_path, log=lambda s: None)
     assert load_manifest(manifest_dir).meta["source"]["kind"] == "parquet"
-    task = network_tasks(cfg, _data_options(cfg, manifest_dir), tmp_path / "stages", False)[0]
-    lines: list[str] = []
-    runner = RayRunner(cfg.resources, tmp_path, data_loader=cfg.data.loader, log=lines.append)
-    result = call_with_timeout(runner.run_networks, 420, [task])[0]
-    assert list(tmp_path.joinpath("ray").glob(".vanilla-*.failed_once")), "the failure was not injected"
-    assert result["ray"]["starts"] == [1, 2], result["ray"]  # first group from epoch 1, restarted one from 2
+    task = network_task("vanilla", "fine", cfg, data_options(cfg, manifest_dir), tmp_path / "tasks")
+    runner = RayRunner(cfg.resources, tmp_path, data_loader=cfg.data.loader, log=lambda s: None,
+                       epoch_hook=fail_once_after_epoch_1)
+    result = call_with_timeout(run_tasks, 420, runner, [task], cfg.resources, lambda s: None)[0]
+    assert (Path(task.out_dir) / "failed_once").is_file(), "the failure was not injected"
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert sum("vanilla epoch 1/2" in line for line in lines) == 1  # epoch 1 was not trained again
-    assert (tmp_path / "stages" / "vanilla" / "model.safetensors").is_file()
+    # each rank reported epoch 1 once (before the failure) and epoch 2 once (after the restart)
+    assert sorted(int(x) for x in (Path(task.out_dir) / "epochs.log").read_text().split()) == [1, 1, 2, 2]
+    assert (Path(task.out_dir) / "model.safetensors").is_file()
 
 
 @pytest.mark.ray
@@ -217,9 +272,8 @@ def test_two_node_cluster_spreads_specialists(tiny: dict, tmp_path: Path) -> Non
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     placed = result["specialist_nodes"]
     assert set(placed) == {"specialist_0", "specialist_1"}
-    assert all(len(nodes) == 1 for nodes in placed.values())
-    assert {nodes[0] for nodes in placed.values()} == set(result["nodes"])  # both nodes used
-    assert (out / "metrics.json").is_file() and (out / "specialists" / "001" / "delta.safetensors").is_file()
+    assert set(placed.values()) == set(result["nodes"])  # one on each node
+    assert (out / "metrics.json").is_file() and list((out / "tasks").glob("specialist_1-*/delta.safetensors"))
     assert not any("warning" in line for line in result["log"])  # storage was a URI: no local-path warning
     assert list((out / "ray-storage").glob("specialist_0-*/checkpoint_*"))
 

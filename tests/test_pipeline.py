@@ -168,7 +168,8 @@ def test_local_runner_retries_then_reports_the_failed_task(tmp_path):
     assert list(e.value.failures) == ["specialist_1"] and "specialist_1 failed" in e.value.first_line
     tasks = tmp_path / "run" / "tasks"
     done = {p.name.split("-")[0] for p in tasks.iterdir() if (p / "metrics.json").is_file()}
-    assert done == {"vanilla", "specialist_0", "specialist_2"}  # the others finished and were saved
+    # the others finished and were saved (the default config's controls too)
+    assert done == {"vanilla", "specialist_0", "specialist_2", "delta_all", "vanilla_long"}
     # failed once after epoch 1 (checkpointed), retried from there
     assert calls.count(("specialist_0", 1)) == 1 and ("specialist_0", 2) in calls
     # a rerun retries only what failed

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from supersub.delta.apply import MaterializedDelta, applied, materialize, specialist_weights
+from supersub.delta.apply import MaterializedDelta, applied, materialize
 from supersub.delta.config import DeltaConfig
 from supersub.delta.format import PackedDelta, export_delta
 from supersub.delta.layer import SparseQuantDelta
@@ -99,6 +99,5 @@ __all__ = [
     "get_method",
     "materialize",
     "set_train_mode",
-    "specialist_weights",
     "start_from",
 ]

@@ -1,8 +1,6 @@
-"""Using a stored delta: decode it once (:func:`materialize`), then either compute the
-specialist's weights beside the resident network's (:func:`specialist_weights`, the predictor's
-path: the resident network is never changed, so any number of threads may share it) or put it
-onto the network in place and take it off again (:func:`applied`, the reference the predictor is
-tested against, bit for bit).
+"""Using a stored delta: decode it once (:func:`materialize`: flat positions and fp32 values per
+weight), then put it onto a network in place and take it off again exactly (:func:`applied`:
+the reference that :class:`supersub.predictor.TwoStagePredictor` is tested against, bit for bit).
 """
 
 from __future__ import annotations
@@ -90,15 +88,3 @@ def applied(model: nn.Module, delta: MaterializedDelta) -> Iterator[nn.Linear]:
                 for k, v in orig.items():
                     getattr(bn, k).copy_(v)
 
-
-def specialist_weights(weights: dict[str, torch.Tensor], delta: MaterializedDelta) -> dict[str, torch.Tensor]:
-    """``{module name: weight}`` of the specialist for every module its delta changes, as new
-    tensors: ``W0`` with ``W0[pos] + values`` at the kept positions — the same arithmetic as
-    :func:`applied`, so the specialist computes bit for bit what the in-place path computes.
-    ``weights`` maps module names to the resident network's weights (left untouched)."""
-    out = {}
-    for name, (pos, values) in delta.weights.items():
-        w0 = weights[name]
-        flat = w0.reshape(-1)
-        out[name] = flat.index_put((pos,), flat[pos] + values).view_as(w0)
-    return out

@@ -1,0 +1,240 @@
+"""The model deployments: what runs the networks behind the HTTP ingress.
+
+* :class:`TwoStage` — the fused deployment (the default): stage one and the routed specialists
+  in one replica, on one resident network, with decoded deltas in an LRU. One handle hop per
+  request; what to run when one machine serves (every replica holds the whole model).
+* :class:`Generalist` → :class:`Specialist` — the per-stage graph: stage one and routing in one
+  deployment, specialists in another, multiplexed by superclass (Serve sends a superclass to the
+  replicas already holding its delta) and batched per superclass. Two hops; what to run when the
+  specialists should scale apart from stage one (many superclasses, several GPUs or nodes).
+* :class:`Network` — one network over all subclasses (the vanilla baseline), same interface.
+
+Every model deployment answers ``predict(x, routing)`` with fine and superclass probabilities and
+its compute time, and ``health()`` by running a real (tiny) forward through every stage — the
+ingress's ``/healthz`` is only ok when that works. A replica runs that forward once in its
+constructor too, so a bundle or device that cannot work fails ``serve run`` at start, not the
+first request. The predictor changes no weights in place, so a replica's threads share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from supersub.delta import MaterializedDelta
+from supersub.metrics import superclass_probs
+from supersub.remote import open_bundle
+from supersub.routing import Routing, assemble, combine, plan
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists here, or a ValueError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: no such CUDA device on this node")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: only cpu and cuda devices are served")
+    return dev
+
+
+def _batching(method: Any, size: int, wait_ms: float) -> None:
+    # @serve.batch takes its limits at class definition; app arguments set them per replica.
+    method.set_max_batch_size(size)
+    method.set_batch_wait_timeout_s(wait_ms / 1000)
+
+
+def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
+    return [None] * len(sizes) if t is None else list(t.split(sizes))
+
+
+def _groups(routings: list[str]) -> dict[str, list[int]]:
+    """Request indices by routing: a batch may mix requests that asked for different routings."""
+    out: dict[str, list[int]] = {}
+    for i, r in enumerate(routings):
+        out.setdefault(r, []).append(i)
+    return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class TwoStage:
+    """The fused deployment: stage one and the routed specialists of a batch in one replica."""
+
+    def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 16, batch_size: int = 16,
+                 batch_wait_ms: float = 2.0) -> None:
+        b = open_bundle(bundle)
+        self.predictor = b.predictor(check_device(device), cache_items=max_deltas, cache_bytes=1 << 34)
+        self.size = b.image_size
+        _batching(self.batched, batch_size, batch_wait_ms)
+        self._forward(torch.zeros(1, 3, self.size, self.size), [b.routing()] * 1)  # fail here, not at a request
+
+    def _forward(self, x: torch.Tensor, routings: list[Routing]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``routings``: one per image. One pass over the union of what they need (stage one
+        once, each routed specialist once), then each image combined under its own routing."""
+        t0 = time.perf_counter()
+        kinds = set(routings)
+        union = routings[0] if len(kinds) == 1 else Routing(
+            "soft", max(r.k for r in kinds), max(r.threshold if r.mode == "soft" else 0.0 for r in kinds) or 1.0)
+        out = self.predictor.outputs(x.to(self.predictor.device), union)
+        if len(kinds) == 1:
+            fine = combine(out, routings[0])
+        else:
+            fine = torch.stack([combine(out, r)[i] for i, r in enumerate(routings)])
+        return fine, out.super_probs, (time.perf_counter() - t0) * 1000
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def batched(self, xs: list[torch.Tensor], routings: list[str]) -> list[tuple]:
+        parsed = [Routing.parse(r) for r in routings]
+        per_image = [r for x, r in zip(xs, parsed) for _ in range(x.shape[0])]
+        fine, sup, ms = await asyncio.to_thread(self._forward, torch.cat(xs), per_image)
+        sizes = [x.shape[0] for x in xs]
+        return [(f, s, ms) for f, s in zip(fine.split(sizes), sup.split(sizes))]
+
+    async def predict(self, x: torch.Tensor, routing: str) -> dict[str, Any]:
+        fine, sup, ms = await self.batched(x, routing)
+        return {"fine": fine, "super": sup, "timing_ms": {"model": ms}}
+
+    async def health(self) -> bool:
+        x = torch.zeros(1, 3, self.size, self.size)
+        await asyncio.to_thread(self._forward, x, [Routing("soft", min(2, self.predictor.hierarchy.num_superclasses))])
+        return True
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+class Specialist:
+    """The resident network + the delta of one superclass per batch; decoded deltas multiplexed."""
+
+    def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 4, batch_size: int = 16,
+                 batch_wait_ms: float = 2.0) -> None:
+        b = open_bundle(bundle)
+        self.predictor = predictor = b.predictor(check_device(device))
+        self.index = {sup.id: i for i, sup in enumerate(predictor.hierarchy.superclasses)}
+
+        async def load_delta(superclass_id: str) -> MaterializedDelta:
+            return await asyncio.to_thread(predictor.materialized, self.index[superclass_id])
+
+        # Wrapped here, not with a decorator, so that the LRU size is an app argument.
+        self.delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load_delta)
+        _batching(self.batched, batch_size, batch_wait_ms)
+        self._trunk_shape = self._warm(b.image_size)
+
+    def _warm(self, size: int) -> tuple[int, ...]:
+        """One specialist forward (fails here, not at a request); returns the trunk's shape."""
+        trunk, _, _ = self.predictor.stage1(torch.zeros(1, 3, size, size))
+        self.predictor.specialist(0, trunk)
+        return tuple(trunk.shape[1:])
+
+    def _forward(self, s: int, delta: MaterializedDelta, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        probs = self.predictor.specialist(s, trunk.to(self.predictor.device), delta).cpu()
+        return probs, (time.perf_counter() - t0) * 1000
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def batched(self, trunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
+        # Serve splits batches by multiplexed model id: every item here is for one superclass.
+        superclass_id = serve.get_multiplexed_model_id()
+        delta = await self.delta(superclass_id)
+        probs, ms = await asyncio.to_thread(self._forward, self.index[superclass_id], delta, torch.cat(trunks))
+        return [(p, ms) for p in probs.split([t.shape[0] for t in trunks])]
+
+    async def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Softmax ``[m, n_sub(+1)]`` of the specialist named by the request's multiplexed model
+        id on trunk features ``[m, ...]``, and the compute time (ms) of its batch."""
+        return await self.batched(trunk)
+
+    async def health(self) -> bool:
+        trunk = torch.zeros(1, *self._trunk_shape)
+        await asyncio.to_thread(self.predictor.specialist, 0, trunk)
+        return True
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Generalist:
+    """Stage one on the resident network, then routing, specialist fan-out and ``combine``."""
+
+    def __init__(self, specialist: DeploymentHandle, bundle: str, device: str = "cpu", batch_size: int = 16,
+                 batch_wait_ms: float = 2.0) -> None:
+        b = open_bundle(bundle)
+        self.predictor = b.predictor(check_device(device))
+        self.hierarchy, self.specialist, self.size = self.predictor.hierarchy, specialist, b.image_size
+        self.ids = self.hierarchy.superclass_ids
+        _batching(self.stage1, batch_size, batch_wait_ms)
+        self.predictor.stage1(torch.zeros(1, 3, self.size, self.size))  # fail here, not at a request
+
+    def _stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        t0 = time.perf_counter()
+        trunk, sup, resident = self.predictor.stage1(x.to(self.predictor.device))
+        ms = (time.perf_counter() - t0) * 1000
+        # The trunk goes to the specialists as is: stages before first_stage are not recomputed.
+        return trunk.cpu(), sup.cpu(), None if resident is None else resident.cpu(), ms
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def stage1(self, xs: list[torch.Tensor]) -> list[tuple]:
+        trunk, sup, resident, ms = await asyncio.to_thread(self._stage1, torch.cat(xs))
+        sizes = [x.shape[0] for x in xs]
+        return [(*parts, ms) for parts in zip(_split(trunk, sizes), _split(sup, sizes), _split(resident, sizes))]
+
+    async def _ask(self, s: int, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
+        handle = self.specialist.options(multiplexed_model_id=self.ids[s])
+        try:
+            return await handle.remote(trunk)
+        except RayActorError:
+            # The replica died under this call (crash, node loss, kill). The call is pure and
+            # idempotent, so one retry — Serve routes it to a live replica — turns a replica
+            # restart into latency instead of a failed request. A second failure is real.
+            return await handle.remote(trunk)
+
+    async def predict(self, x: torch.Tensor, routing: str) -> dict[str, Any]:
+        """Images ``[B, 3, S, S]`` → fine probabilities ``[B, C]``, superclass probabilities
+        ``[B, S]`` and per-stage compute times (ms)."""
+        r = Routing.parse(routing)
+        trunk, sup, resident, stage1_ms = await self.stage1(x)
+        p = plan(sup, r)
+        answers = await asyncio.gather(*(self._ask(s, trunk[b]) for s, (b, _) in p.calls.items()))
+        fine = combine(assemble(self.hierarchy, sup, resident, p, {s: a[0] for s, a in zip(p.calls, answers)}), r)
+        return {"fine": fine, "super": sup, "timing_ms": {"generalist": stage1_ms, "specialist": sum(a[1] for a in answers)}}
+
+    async def health(self) -> bool:
+        await asyncio.to_thread(self.predictor.stage1, torch.zeros(1, 3, self.size, self.size))
+        return await self.specialist.options(multiplexed_model_id=self.ids[0]).health.remote()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Network:
+    """One network over all subclasses (the vanilla baseline), same interface as the others."""
+
+    def __init__(self, bundle: str, device: str = "cpu", batch_size: int = 16, batch_wait_ms: float = 2.0) -> None:
+        b = open_bundle(bundle)
+        self.device = check_device(device)
+        self.net, self.hierarchy, self.size = b.load_vanilla().to(self.device).eval(), b.hierarchy, b.image_size
+        _batching(self.forward, batch_size, batch_wait_ms)
+        self._forward(torch.zeros(1, 3, self.size, self.size))
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fine = torch.softmax(self.net(x.to(self.device)).float(), 1)
+            sup = superclass_probs(fine, self.hierarchy)
+        return fine.cpu(), sup.cpu(), (time.perf_counter() - t0) * 1000
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def forward(self, xs: list[torch.Tensor]) -> list[tuple]:
+        fine, sup, ms = await asyncio.to_thread(self._forward, torch.cat(xs))
+        sizes = [x.shape[0] for x in xs]
+        return [(f, s, ms) for f, s in zip(fine.split(sizes), sup.split(sizes))]
+
+    async def predict(self, x: torch.Tensor, routing: str | None = None) -> dict[str, Any]:
+        fine, sup, ms = await self.forward(x)
+        return {"fine": fine, "super": sup, "timing_ms": {"network": ms}}
+
+    async def health(self) -> bool:
+        await asyncio.to_thread(self._forward, torch.zeros(1, 3, self.size, self.size))
+        return True
