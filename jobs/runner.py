@@ -36,7 +36,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from supersub.runner import NullTracker, TaskFailed, Tracker
+from supersub.runner import NullTracker, TaskFailed, Tracker, run_attempt
 from supersub.tasks import SpecialistTask, Task, TaskContext, task_from_dict
 
 
@@ -252,14 +252,7 @@ def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
         report=report, log=lambda s: print(s if world == 1 else f"[rank {rank}] {s}", flush=True),
         make_loader=make_loader, resume_dir=resume_dir,
     )
-    try:
-        result = task.run(ctx)
-    except BaseException as e:
-        if logger:
-            logger.failed(f"{type(e).__name__}: {e}")
-        raise
-    if logger:
-        logger.finished(result)
+    result = run_attempt(task, ctx, logger)
     # The outputs as the last checkpoint: the driver copies them into task.out_dir when this
     # worker ran where that folder is not visible. Every rank reports (report is a barrier).
     final = {"final": 1, "val_acc": result.get("val_acc"), "epoch": len(result.get("history", []))}

@@ -38,7 +38,7 @@ from supersub.delta import DeltaConfig, PackedDelta
 from supersub.errors import BundleError
 from supersub.hierarchy import Hierarchy, HierarchyError
 from supersub.models import ResNet, state_bytes
-from supersub.networks import NetworkSpec, save_weights, sha256_file
+from supersub.networks import NetworkSpec, load_state, save_weights, sha256_file
 from supersub.routing import Routing
 
 FORMAT_VERSION = 2
@@ -195,13 +195,10 @@ class Bundle:
             raise
         except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
             raise BundleError(f"bundle file {file} is not a safetensors file ({type(e).__name__})") from None
-        model = spec.build()
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-            raise BundleError(f"bundle file {file} does not fit its network spec: {first.strip()}") from None
-        return model.eval()
+            return load_state(spec.build(), state, f"bundle file {file}")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
 
     def load_base(self) -> ResNet:
         return self._load_network(self.base_spec, self.manifest["base"]["file"])

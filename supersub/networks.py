@@ -63,16 +63,20 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     save_file(state, str(path))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Loads a safetensors file into ``model`` (strict: every tensor, right shapes) and returns it
-    in eval mode; a file that does not fit raises ``ValueError`` naming the first mismatch."""
-    state = load_file(str(path))
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """``state`` into ``model`` (strict: every tensor, right shapes), in eval mode; a state that
+    does not fit raises ``ValueError`` naming ``name`` and the first mismatch."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise ValueError(f"{Path(path).name} does not fit the network it is loaded into: {first.strip()}") from None
+        raise ValueError(f"{name} does not fit its network spec: {first.strip()}") from None
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """A safetensors file into ``model`` (see :func:`load_state`)."""
+    return load_state(model, load_file(str(path)), Path(path).name)
 
 
 def save_network(model: nn.Module, spec: NetworkSpec, out_dir: str | Path, class_ids: list[str]) -> None:

@@ -96,6 +96,19 @@ def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Cal
     return [t.result() for t in tasks]
 
 
+def run_attempt(task: Task, ctx: TaskContext, logger: TaskLogger | None) -> dict[str, Any]:
+    """One attempt of ``task`` in ``ctx``, its logger told how it went (where the task runs)."""
+    try:
+        result = task.run(ctx)
+    except BaseException as e:
+        if logger:
+            logger.failed(f"{type(e).__name__}: {e}")
+        raise
+    if logger:
+        logger.finished(result)
+    return result
+
+
 def _changed_since(task: Task) -> str | None:
     """What differs from the latest earlier task of the same name beside it, if any."""
     out = Path(task.out_dir)
@@ -131,16 +144,7 @@ class LocalRunner:
             if self.epoch_hook:
                 self.epoch_hook(task, int(row["epoch"]))
 
-        ctx = TaskContext(device=self.device, log=self.log, report=report)
-        try:
-            result = task.run(ctx)
-        except BaseException as e:
-            if logger:
-                logger.failed(f"{type(e).__name__}: {e}")
-            raise
-        if logger:
-            logger.finished(result)
-        return result
+        return run_attempt(task, TaskContext(device=self.device, log=self.log, report=report), logger)
 
     def run(self, tasks: list[Task], resources: Any = None) -> list[dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}

@@ -15,6 +15,7 @@ import base64
 import json
 import socket
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -163,6 +164,50 @@ def test_bundles_that_cannot_work_are_refused_at_build(bundles: dict[str, Path],
         with pytest.raises(BundleError, match=message) as e:
             app({"bundle": broken(change)})
         assert len(str(e.value).splitlines()) == 1
+
+
+def test_config_yaml_builds(bundles: dict[str, Path]) -> None:
+    """serve/config.yaml is a valid Serve config whose apps build (on the tiny bundle)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load((Path(__file__).parents[1] / "serve/config.yaml").read_text()))
+    builders = {"serve.app:app": app, "serve.app:vanilla_app": vanilla_app}
+    for a in cfg.applications:
+        assert a.import_path in builders
+        builders[a.import_path]({**a.args, "bundle": str(bundles["vanilla"])})
+        for d in a.deployments:
+            cpus = d.ray_actor_options.num_cpus if d.ray_actor_options else 0
+            assert 0 < cpus < 1, f"{a.name}/{d.name}: give replicas fractional CPUs (whole ones hang on 2 cores)"
+
+
+@pytest.mark.mlflow
+def test_bundle_from_mlflow_uris_with_the_jobs_default_store(bundles: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """runs:/<id>/bundle and runs:/<id> resolve in the jobs' default store without exporting
+    MLFLOW_TRACKING_URI, into one cache (no leftovers in the system's temporary folder)."""
+    mlflow = pytest.importorskip("mlflow")
+    import supersub.remote as remote
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(remote, "HOME", tmp_path / "home")
+    monkeypatch.setenv("SUPERSUB_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(remote.default_tracking_uri())
+    exp = mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_artifacts(str(bundles["vanilla"]), artifact_path="bundle")
+    mlflow.set_tracking_uri(None)
+    for uri in (f"runs:/{run.info.run_id}/bundle", f"runs:/{run.info.run_id}"):
+        b = remote.open_bundle(uri)
+        assert b.manifest["files"] == load_bundle(bundles["vanilla"]).manifest["files"]
+        assert str(b.path).startswith(str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "bundles").iterdir())) == 2
+    assert app({"bundle": f"runs:/{run.info.run_id}/bundle"}) is not None
+    from supersub.errors import BundleError
+
+    with pytest.raises(BundleError, match="cannot resolve"):
+        remote.open_bundle("runs:/0123456789abcdef0123456789abcdef/bundle")
 
 
 # ------------------------------------------------------------------------------ no Serve: request parsing
@@ -424,3 +469,47 @@ def test_replica_kill_under_load(server: str) -> None:
     assert not any(t.is_alive() for t in pool), "load did not finish"
     assert done[0] == total
     assert len(failures) <= total // 100, failures
+
+
+def test_launcher_drains_on_sigterm(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """(7) `python -m serve` answers, and on SIGTERM finishes the requests in flight and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    # A short private temp dir: Ray's socket paths must stay under ~107 characters.
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sslaunch-", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "serve", f"bundle={bundles['vanilla']}", "--port", str(port),
+                             "batch_wait_ms=50"], cwd=Path(__file__).parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("serving ") or proc.poll() is not None:
+                break
+        assert any(x.startswith("serving ") for x in lines), "".join(lines)
+        results = []
+
+        def request() -> None:
+            with httpx.Client(timeout=60) as c:
+                results.append(c.post(f"http://127.0.0.1:{port}/predict", content=JPG,
+                                      headers={"content-type": "image/jpeg"}).status_code)
+
+        pool = [threading.Thread(target=request) for _ in range(8)]
+        for t in pool:
+            t.start()
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        for t in pool:
+            t.join(timeout=90)
+        assert proc.wait(timeout=120) == 0
+        assert results and all(code == 200 for code in results), results  # the requests in flight finished
+    finally:
+        if proc.poll() is None:
+            proc.kill()

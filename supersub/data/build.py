@@ -205,6 +205,8 @@ def build_manifest(
         download: CIFAR-100 only: download it into its root when missing.
     """
     start = time.monotonic()
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder")
     if leftover not in ("drop", "other"):
         raise DataError(f"leftover must be 'drop' or 'other', got {leftover!r}")
     source = open_source(source_spec, download=download, imagenet_meta=imagenet_meta)
