@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,6 +98,19 @@ def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Cal
     return [t.result() for t in tasks]
 
 
+@contextlib.contextmanager
+def task_lock(task: Task) -> Iterator[None]:
+    """An exclusive lock on the task's folder (``.lock``), held while it runs: two processes that
+    need the same task train it once; the second waits, then finds it done."""
+    Path(task.out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(task.out_dir) / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_attempt(task: Task, ctx: TaskContext, logger: TaskLogger | None) -> dict[str, Any]:
     """One attempt of ``task`` in ``ctx``, its logger told how it went (where the task runs)."""
     try:
@@ -133,7 +148,14 @@ class LocalRunner:
         self.epoch_hook = epoch_hook  # tests inject failures here
 
     def _attempt(self, task: Task) -> dict[str, Any]:
-        self.log(f"{task.name}: running in {task.out_dir}")
+        with task_lock(task):  # another process (a study's runs side by side) may be at it
+            if task.done():
+                self.log(f"{task.name}: finished meanwhile by another process, reused ({task.out_dir})")
+                return task.result()
+            self.log(f"{task.name}: running in {task.out_dir}")
+            return self._run_here(task)
+
+    def _run_here(self, task: Task) -> dict[str, Any]:
         logger = self.tracker.task_logger(task)
         if logger:
             logger.started()
