@@ -96,6 +96,19 @@ def apply_params(task: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     return task
 
 
+def check_discrete_values(spec: dict[str, Any], task: dict[str, Any]) -> None:
+    """Every value a ``choice`` or ``grid`` can take, applied to a task: a value that cannot work
+    is refused before any trial starts (continuous samplers fail in their trials)."""
+    for key, sampler in (spec or {}).items():
+        kind, values = next(iter(sampler.items()))
+        if kind in ("choice", "grid"):
+            for v in values:
+                try:
+                    apply_params(task, {key: v})
+                except ValueError as e:
+                    raise ConfigError(f"space {key}={v}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- trials
 def trial_loop(config: dict[str, Any]) -> None:
     """One Train worker of a trial: the specialist of superclass ``tasks[rank]``, alone (no DDP)."""
@@ -205,6 +218,7 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
                  if superclasses is None or t.superclass in superclasses]
         if not tasks:
             raise ConfigError(f"--superclasses {superclasses}: the hierarchy has {b.hierarchy.num_superclasses}")
+        check_discrete_values(spec.get("space", {}), tasks[0].to_dict())
         cpus, gpus = cfg.resources.specialist_cpus, cfg.resources.specialist_gpus
         fits = fit_slots(dict(ray.available_resources()), len(tasks), cpus, gpus)
         concurrent = max(1, min(fits, spec.get("max_concurrent_trials") or math.inf))

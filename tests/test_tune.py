@@ -4,6 +4,7 @@ over the session's tiny pipeline output, with MLflow runs per trial."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from ray_helpers import REPO, call_with_timeout, tiny_run
 from jobs.pipeline import overrides_from
 from jobs.tune import apply_params, load_space, pareto_front
 from supersub.config import ConfigError, load_config
-from supersub.pipeline import PipelineConfig
+from supersub.pipeline_config import PipelineConfig
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +34,19 @@ def test_space_files_parse() -> None:
         parse_space({"delta.bits": [2, 4]})
 
 
-def test_apply_params_and_pareto_front() -> None:
-    task = {"delta": {"keep": 0.05, "bits": 4}, "optim": {"lr": 0.02}}
-    assert apply_params(task, {"delta.keep": 0.1, "specialist.optim.lr": 0.5}) == {
-        "delta": {"keep": 0.1, "bits": 4}, "optim": {"lr": 0.5}}
+def test_apply_params_validates_the_task_and_pareto_front(tmp_path: Path) -> None:
+    from supersub.pipeline import specialist_task
+    from supersub.tasks import DataOptions
+
+    cfg = load_config(PipelineConfig, REPO / "jobs" / "configs" / "default.yaml", [])
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "model.safetensors").write_bytes(b"weights")  # only hashed here
+    task = specialist_task(cfg, 0, DataOptions("m", "fp", 32), tmp_path, str(net), str(net)).to_dict()
+    changed = apply_params(task, {"delta.keep": 0.1, "specialist.optim.lr": 0.5})
+    assert changed["delta"]["keep"] == 0.1 and changed["optim"]["lr"] == 0.5 and task["delta"]["keep"] == 0.05
+    with pytest.raises(ValueError, match="delta.bits"):
+        apply_params(task, {"delta.bits": 5})  # an impossible value fails here, not in a worker
     trials = [{"trial_id": i, "delta_ratio": r, "val_acc": a}
               for i, (r, a) in enumerate([(0.01, 50), (0.02, 40), (0.03, 60), (0.04, 60), (0.05, 70)])]
     assert [t["trial_id"] for t in pareto_front(trials)] == [0, 2, 4]
@@ -52,7 +62,8 @@ def test_tune_writes_pareto_front_and_mlflow_runs(tiny: dict, tmp_path: Path) ->
 
     out = tmp_path / "study"
     # --budget 0.2: every completed trial fits, so best.yaml is written whatever ASHA stops.
-    argv = ["--space", str(REPO / "tune_spaces" / "tiny.yaml"), "--from", str(tiny["out"]), "--out", str(out),
+    # --from as a user types it: relative to the working directory (Train workers run elsewhere).
+    argv = ["--space", str(REPO / "tune_spaces" / "tiny.yaml"), "--from", os.path.relpath(tiny["out"]), "--out", str(out),
             "--budget", "0.2"]
     assert call_with_timeout(main, 480, argv) == 0
     summary = json.loads((out / "tune" / "pareto.json").read_text())
@@ -72,7 +83,25 @@ def test_tune_writes_pareto_front_and_mlflow_runs(tiny: dict, tmp_path: Path) ->
     assert {"pareto.json", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
               and r.info.run_name.startswith("trial ")]
-    assert len(trials) == 4
+    assert len(trials) == 4 and all(r.info.status in ("FINISHED", "FAILED", "KILLED", "RUNNING") for r in trials)
     for run in trials:
         assert {"delta.keep", "delta.bits", "specialist.optim.lr"} <= set(run.data.params)
         assert client.get_metric_history(run.info.run_id, "val_acc")  # per-epoch, step = iteration
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_whose_every_trial_fails_exits_non_zero(tiny: dict, tmp_path: Path, capsys) -> None:
+    from jobs.tune import main
+
+    space = tmp_path / "failing.yaml"  # keep is a fraction: every sample of [1.5, 2] fails in its trial
+    space.write_text("num_samples: 2\nmax_concurrent_trials: 2\noverrides: [specialist.optim.epochs=1]\n"
+                     "space:\n  delta.keep: {uniform: [1.5, 2.0]}\n")
+    argv = ["--space", str(space), "--from", str(tiny["out"]), "--out", str(tmp_path / "out"), "tracking.enabled=false"]
+    assert call_with_timeout(main, 480, argv) == 1
+    err = capsys.readouterr().err
+    assert "all 2 trials failed" in err and "delta.keep must be in (0, 1]" in err
+    # discrete values are checked before any trial starts
+    space.write_text("num_samples: 1\nspace:\n  delta.keep: {grid: [0.05, 1.5]}\n")
+    assert main(argv) == 2
+    assert "delta.keep=1.5" in capsys.readouterr().err
