@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session (the lent NVIDIA H200; no Ray, no MLflow there): the core benchmark, then the
-# Tiny-ImageNet findings study in-process, everything logged under $OUT.
+# One GPU session (the lent NVIDIA H200; no Ray, no MLflow there): the core and training benchmarks,
+# then the Tiny-ImageNet study with its controls in-process, everything logged under $OUT.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh              # on the GPU machine
 #   OUT=/tmp/out SMOKE=1 bash benchmarks/gpu_session.sh      # tiny settings, to test it on a CPU
@@ -24,13 +24,16 @@ common=(data.source=.devdata/tiny data.hierarchy=.devdata/tiny_auto10.json
         tracking.enabled=false)
 if [ -n "${SMOKE:-}" ]; then
   bench=(--backbone resnet10 --width 0.25 --image-size 32 --batch 16 --repeats 2 --superclasses 3 --subclasses 4)
+  tp=(--backbone resnet10 --width 0.25 --image-size 32 --batch 16 --steps 3)
   common+=(data.max_train_per_class=8 data.image_size=32 model.backbone=resnet10 model.width=0.25 train.epochs=1 train.batch_size=64
            specialist.optim.epochs=1 data.num_workers=2 baselines.scaled_width=0.5)
 else
   bench=(--backbone resnet18 --image-size 64 --batch 256 --superclasses 11 --subclasses 18)
+  tp=(--backbone resnet18 --image-size 64 --batch 256)
 fi
 
 python3 benchmarks/core_bench.py "${bench[@]}" --json "$OUT/core_bench.json" > "$OUT/core_bench.txt" 2>&1
+python3 benchmarks/train_throughput.py "${tp[@]}" --json "$OUT/train_throughput.json" > "$OUT/train_throughput.txt" 2>&1
 tail -n 12 "$OUT/core_bench.txt"
 
 # Copy the study's summary out as it grows, so a run stopped by its time limit still reports.
@@ -40,7 +43,5 @@ python3 -m jobs.study --study jobs/configs/study_tiny_imagenet.yaml --out "$STUD
     --time-budget-s "$BUDGET" "${common[@]}" 2>&1 | tee "$OUT/study.log" | grep -v " epoch [0-9]*/" 
 kill $copier 2>/dev/null
 cp "$STUDY_DIR/study.json" "$OUT/study.json" 2>/dev/null
-for v in ours vanilla_resident; do  # one variant's per-image predictions, for the report
-  [ -f "$STUDY_DIR/$v/predictions.parquet" ] && cp "$STUDY_DIR/$v/predictions.parquet" "$OUT/predictions_$v.parquet" && break
-done
+[ -f "$STUDY_DIR/study.md" ] && cp "$STUDY_DIR/study.md" "$OUT/study.md"
 exit 0

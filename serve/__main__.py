@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--vanilla", action="store_true", help="serve the bundle's vanilla network (vanilla_app)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     args = {}
     for item in a.args:
         key, sep, value = item.partition("=")
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     stop.wait()
     print("draining: finishing the requests in flight", flush=True)
+    # Deleting the app drains it: every replica stops taking requests and finishes the ones it
+    # has (graceful_shutdown_timeout_s) before it stops; serve.shutdown() alone would cut them.
+    serve.delete("supersub", _blocking=True)
     serve.shutdown()
     ray.shutdown()
     print("stopped", flush=True)

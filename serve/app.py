@@ -25,8 +25,8 @@ every model replica runs a forward in its constructor; ``/healthz`` is ok only w
 answers a real forward, else 503.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request,
+# Query) at runtime, and Serve's class-based ingress wraps the methods where strings cannot resolve.
 import asyncio
 import math
 import time
@@ -175,6 +175,8 @@ class Ingress:
         if unknown:
             raise BadInput(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
         asked = request.query_params.get("routing")
+        if asked is not None:  # an unencoded "+" in a query string arrives as a space
+            asked = asked.strip().replace(" ", "+")
         if asked is None or self.info["app"] != "two-stage":
             if asked is not None:
                 raise BadInput(422, "this app has one network: it takes no routing")

@@ -100,7 +100,7 @@ class EvaluationInputs:
     specialist_dirs: list[str]  # index = superclass
     baseline_dirs: dict[str, list[str]] = field(default_factory=dict)  # vanilla_scaled, vanilla_long, ensemble
     delta_all_dir: str | None = None
-    generalist_dir: str | None = None
+    specialists_use_vanilla: bool = False  # init, head rows or distillation from it: its training counts too
     loader: str = "auto"
     num_workers: int = 2
     cache_dir: str | None = None
@@ -203,7 +203,7 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     stage1_flops, one_pass = two_stage_flops(predictor, inputs.image_size)
     total_bytes = (state_bytes(resident) + sum(d.nbytes for d in deltas.values())) / vanilla_bytes
     trained = (_train_images(inputs.resident_dir) + sum(_train_images(d) for d in inputs.specialist_dirs)
-               + (_train_images(inputs.vanilla_dir) if own else 0))  # an own generalist's specialists start from vanilla rows
+               + (_train_images(inputs.vanilla_dir) if own and inputs.specialists_use_vanilla else 0))
     reported = {f"two_stage_{f}": r for f, r in chosen.items()}
     if served_name == "two_stage_served":
         reported[served_name] = served

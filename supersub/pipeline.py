@@ -267,7 +267,9 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
     h = manifest.hierarchy
     delta_all = next((t for t in tasks if isinstance(t, SpecialistTask) and t.superclass is None), None)
     inputs = EvaluationInputs(
-        manifest_dir=b.data.manifest_dir, image_size=cfg.data.image_size, resident=cfg.generalist.kind.replace("own", "generalist"),
+        manifest_dir=b.data.manifest_dir, image_size=cfg.data.image_size,
+        resident="generalist" if cfg.generalist.kind == "own" else "vanilla",
+        specialists_use_vanilla=any(t.inputs.get("vanilla") or t.init_dir for t in specialists),
         resident_dir=b.resident_dir, vanilla_dir=b.vanilla.out_dir, specialist_dirs=[t.out_dir for t in specialists],
         baseline_dirs={k: [t.out_dir for t in ts] for k, ts in b.extra.items()},
         delta_all_dir=delta_all.out_dir if delta_all else None, loader=b.data.loader, num_workers=cfg.data.num_workers,

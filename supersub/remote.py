@@ -52,6 +52,8 @@ def _download(ref: str, tracking_uri: str) -> Path:
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
+    if re.fullmatch(r"runs:/[^/]+/?", ref):  # a run: its model (or artifact folder) "bundle"
+        ref = ref.rstrip("/") + "/bundle"
     try:
         if ref.startswith("models:/"):  # a registered model version: its source run and path
             from mlflow.store.artifact.utils.models import get_model_name_and_version
