@@ -1,8 +1,9 @@
 """Load test: the Serve graphs against a plain uvicorn peer serving the same model, side by side.
 
-Starts a local Ray + Serve with the fused two-stage app (``/fused``: Ingress → TwoStage), the
-per-stage graph (``/stages``: Ingress → Generalist → Specialist) and the vanilla app
-(``/vanilla``), and — in its own process — a plain uvicorn + FastAPI *peer* that decodes the same
+Starts a local Ray + Serve with the two-stage app in its three graphs — ``/single`` (the model
+inside the HTTP ingress replica), ``/fused`` (Ingress → TwoStage), ``/stages`` (Ingress →
+Generalist → Specialist) — and the vanilla app (``/vanilla``, single), and — in its own process —
+a plain uvicorn + FastAPI *peer* that decodes the same
 way and runs the same :class:`TwoStagePredictor` in process. It sends ``--requests`` real JPEG
 bodies to each at every ``--concurrency`` level, one keep-alive connection per client thread, and
 prints latency percentiles, throughput, the model compute time measured where the model runs
@@ -16,8 +17,7 @@ Serve's optional modes are environment variables read when Ray starts: run once 
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between replicas, direct ingress) to compare.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the peer's FastAPI endpoint reads its annotations at runtime.
 import argparse
 import http.client
 import json
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # serve_helpers: tiny bundle and test p
 sys.path.insert(0, str(ROOT))
 
 MODEL_STAGES = ("model", "generalist", "specialist", "network")
-APPS = ("fused", "stages", "vanilla", "peer")
+APPS = ("single", "fused", "stages", "vanilla", "peer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,8 +81,10 @@ def start_serve(a: argparse.Namespace, bundle: str, scratch: Path) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     quiet = {"enable_access_log": False}  # a log line per request and replica is measurable on two cores
     t0 = time.perf_counter()
+    if "single" in a.apps:
+        serve.run(app({**args, "graph": "single"}), name="single", route_prefix="/single", logging_config=quiet)
     if "fused" in a.apps:
-        serve.run(app(args), name="fused", route_prefix="/fused", logging_config=quiet)
+        serve.run(app({**args, "graph": "fused"}), name="fused", route_prefix="/fused", logging_config=quiet)
     if "stages" in a.apps:
         serve.run(app({**args, "graph": "stages"}), name="stages", route_prefix="/stages", logging_config=quiet)
     if "vanilla" in a.apps:
@@ -136,6 +138,10 @@ def peer_serve(bundle: str, port: int) -> None:
     @api.get("/healthz")
     async def healthz():
         return {"status": "ok"}
+
+    @api.get("/hierarchy")
+    async def hierarchy():
+        return b.hierarchy.to_dict()
 
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -233,6 +239,21 @@ def summarise(run: dict) -> dict[str, float | str]:
     }
 
 
+def floor_ms(url: str, n: int = 100) -> float:
+    """p50 of GET /hierarchy one at a time: the HTTP round trip through the serving stack with no
+    model, no decoding and a small answer — the floor an app's overhead sits on."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", u.path.rstrip("/") + "/hierarchy")
+        conn.getresponse().read()
+        lat.append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return pct(lat, 50)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.peer_serve:
@@ -274,18 +295,23 @@ def measure(a: argparse.Namespace, urls: dict[str, str]) -> int:
             run_load(base, "/predict", bodies, a.warmup, min(c, a.warmup), a.duration_s)
             run = run_load(base, "/predict", bodies, a.requests, c, a.duration_s)
             table[(name, c)] = summarise(run)
+            if c == 1:
+                table[(name, c)]["floor p50 ms"] = floor_ms(base)
             if run["errors"]:
                 print(f"{name} c={c}: {len(run['errors'])} failed, e.g. {run['errors'][:3]}", file=sys.stderr)
     print(f"\n{a.requests} requests per app and level, {a.image_px}x{a.image_px} JPEG bodies, loopback, "
           f"{os.cpu_count()} CPUs; compute = the model's time where it runs (timing_ms), overhead = latency - compute")
-    keys = list(next(iter(table.values())))
+    keys = list(dict.fromkeys(k for row in table.values() for k in row))
     print(f"{'app':10s}{'c':>4s}" + "".join(f"{k:>16s}" for k in keys))
     for (name, c), row in table.items():
-        print(f"{name:10s}{c:>4d}" + "".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16s}" for v in row.values()))
+        cells = [row.get(k, "") for k in keys]
+        print(f"{name:10s}{c:>4d}" + "".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16s}" for v in cells))
     for c in a.levels:
-        if ("fused", c) in table and ("peer", c) in table:
-            f, p = table[("fused", c)], table[("peer", c)]
-            print(f"c={c}: fused/peer throughput {f['req/s'] / p['req/s']:.2f}; fused overhead p50 {f['overhead p50 ms']:.1f} ms")
+        for name in ("single", "fused", "stages"):
+            if (name, c) in table and ("peer", c) in table and table[("peer", c)]["req/s"] > 0:
+                f, p = table[(name, c)], table[("peer", c)]
+                print(f"c={c}: {name}/peer throughput {f['req/s'] / p['req/s']:.2f}; {name} overhead p50 "
+                      f"{f['overhead p50 ms']:.1f} ms (peer {p['overhead p50 ms']:.1f} ms)")
     if a.json:
         Path(a.json).write_text(json.dumps({f"{n}@c{c}": r for (n, c), r in table.items()}, indent=2))
     return 0 if all(not r["ok/sent"].startswith("0/") for r in table.values()) else 1

@@ -3,7 +3,8 @@
 Serves a bundle the way ``serve run serve.app:app bundle=PATH`` does, with what a service
 needs around it:
 
-* it binds the HTTP endpoint to loopback unless told otherwise;
+* it binds the HTTP endpoint to loopback unless told otherwise (``--fast``: Serve's HAProxy
+  ingress, whose side ports listen everywhere — see ``--help``);
 * it prints one line when ``/healthz`` first answers ok (every stage has run a forward);
 * on SIGTERM or SIGINT it drains: Serve stops routing new requests, lets the ones in flight
   finish (each deployment's ``graceful_shutdown_timeout_s``), and the process exits 0 — where
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--vanilla", action="store_true", help="serve the bundle's vanilla network (vanilla_app)")
+    p.add_argument("--fast", action="store_true",
+                   help="Ray Serve's HAProxy ingress and throughput-optimised mode: about 6 ms less per request on "
+                   "2 CPUs, but HAProxy's stats (8404) and metrics (9101) ports and the replicas' HTTP ports listen "
+                   "on every interface: only behind a firewall or on a private network")
     a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     args = {}
     for item in a.args:
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{item!r} is not key=value")
         args[key] = value
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if a.fast:  # read by Ray Serve when it starts: set before ray.init
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
     import ray
     from ray import serve
 

@@ -2,7 +2,8 @@
 
 ::
 
-    HTTP ─▶ Ingress ─────────────▶ TwoStage                          (graph=fused, the default)
+    HTTP ─▶ Ingress[TwoStage]                                        (graph=single, the default)
+    HTTP ─▶ Ingress ─────────────▶ TwoStage                          (graph=fused)
             parse, validate,        stage one + routed specialists,
             decode (budgeted,       one resident network, decoded
             off the event loop),    deltas in an LRU
@@ -11,7 +12,7 @@
                        stage one,    resident + delta[superclass],
                        routing       multiplexed, batched
 
-Applications (``serve run serve.app:app bundle=PATH [routing=...] [graph=fused|stages] [device=cpu]``,
+Applications (``serve run serve.app:app bundle=PATH [routing=...] [graph=single|fused|stages] [device=cpu]``,
 or ``python -m serve bundle=PATH ...``, which also drains on SIGTERM):
 
 * :func:`app` — the two-stage Super-Sub model; ``routing`` is a routing the bundle stores by
@@ -63,8 +64,9 @@ class AppArgs(BaseModel):
     bundle: str = Field(description="bundle folder, or an MLflow URI (runs:/<id>/bundle, models:/<name>/<version>)")
     routing: str | None = Field(None, description="a routing the bundle stores (hard, soft, soft_pooled, ...) or an "
                                 "explicit one (soft:2@0.7+0.5); default: the one the bundle serves")
-    graph: Literal["fused", "stages"] = Field("fused", description="fused: one model deployment; stages: "
-                                              "Generalist → Specialist (specialists scale apart)")
+    graph: Literal["single", "fused", "stages"] = Field(
+        "single", description="single: the model inside the HTTP ingress replica (no handle hop); fused: one model "
+        "deployment behind the ingress (scales apart from decoding); stages: Generalist → Specialist")
     device: str = Field("cpu", description="torch device of the model replicas")
     max_body_bytes: int = Field(Limits.max_body_bytes, gt=0)
     max_pixels: int = Field(Limits.max_pixels, gt=0, description="pixels of one image (read before decoding)")
@@ -137,6 +139,22 @@ _QUERY = {"top_k", "routing"}
 HEALTH_TIMEOUT_S = 5.0
 
 
+class _InProcess:
+    """A model deployment's class run inside the ingress replica, called the way a handle is
+    (``model.predict.remote(...)`` is awaited): the same code path, without the hop."""
+
+    class _Method:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def remote(self, *args: Any) -> Any:
+            return self.fn(*args)  # a coroutine, awaited like a DeploymentResponse
+
+    def __init__(self, deployment: Any, *args: Any) -> None:
+        obj = deployment.func_or_class(*args)
+        self.predict, self.health = self._Method(obj.predict), self._Method(obj.health)
+
+
 def _unavailable(reason: str) -> JSONResponse:
     return JSONResponse({"detail": f"model unavailable, retry later ({reason})"}, status_code=503,
                         headers={"Retry-After": "1"})
@@ -147,8 +165,10 @@ def _unavailable(reason: str) -> JSONResponse:
 class Ingress:
     """HTTP: request parsing and validation, decoding, preprocessing, the JSON answer."""
 
-    def __init__(self, model: DeploymentHandle, info: dict[str, Any], limits: Limits) -> None:
-        self.model, self.info, self.limits = model, info, limits
+    def __init__(self, model: DeploymentHandle | tuple, info: dict[str, Any], limits: Limits) -> None:
+        # graph=single: (deployment, its arguments), built here and called without a hop.
+        self.model = _InProcess(model[0], *model[1:]) if isinstance(model, tuple) else model
+        self.info, self.limits = info, limits
         h = Hierarchy.from_dict(info["hierarchy"])
         self.supers, self.subs, self.num_subclasses = h.superclasses, h.subclasses, h.num_subclasses
         self.routings: dict[str, str] = info.get("routings") or {}
@@ -271,6 +291,8 @@ def app(args: dict[str, Any]) -> Application:
     except (ValueError, BundleError) as e:
         raise ValueError(f"routing={a.routing}: {e}") from None
     info = _info("two-stage", a.bundle, bundle, routing)
+    if a.graph == "single":
+        return Ingress.bind((TwoStage, a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms), info, a.limits)
     if a.graph == "fused":
         model = TwoStage.bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     else:
@@ -286,5 +308,7 @@ def vanilla_app(args: dict[str, Any]) -> Application:
         raise ValueError("vanilla_app takes no routing: it serves one network")
     if bundle.resident != "vanilla" and "vanilla" not in bundle.baseline_names:
         raise BundleError(f"bundle {a.bundle} has no vanilla network (resident {bundle.resident!r}, no 'vanilla' baseline)")
-    network = Network.bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.bind(network, _info("vanilla", a.bundle, bundle, None), a.limits)
+    info = _info("vanilla", a.bundle, bundle, None)
+    if a.graph == "single":
+        return Ingress.bind((Network, a.bundle, a.device, a.batch_size, a.batch_wait_ms), info, a.limits)
+    return Ingress.bind(Network.bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms), info, a.limits)
