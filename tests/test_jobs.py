@@ -231,9 +231,13 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
     exits after epoch 1's checkpoint is committed; Train's FailureConfig restarts the worker group,
     which must resume at epoch 2. Also runs DDP over 2 workers, and the Ray Data input path
     reading a Parquet image source (PNG bytes in row groups)."""
+    import ray_helpers
+    from ray import cloudpickle
     from ray_helpers import fail_once_after_epoch_1
 
     from jobs.runner import RayRunner
+
+    cloudpickle.register_pickle_by_value(ray_helpers)  # the hook travels to workers that cannot import tests/
     from supersub.pipeline import data_options, network_task, prepare_data
     from supersub.runner import run_tasks
 
