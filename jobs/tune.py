@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +365,7 @@ def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Pat
             if Path(path).is_file():
                 tracker.client.log_artifact(tracker.run_id, str(path))
     return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
