@@ -97,6 +97,39 @@ def timed(fn, device, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def time_breakdown(pred: TwoStagePredictor, x: torch.Tensor, device, repeats: int) -> dict[str, float]:
+    """Where a hard prediction's time goes: stage one, the routed groups, one group's forward and
+    its delta's add-and-restore, and the delta stages on the whole batch at once (what the groups
+    would cost with no per-group overhead)."""
+    from supersub.models import STAGES
+    from supersub.routing import plan
+
+    trunk, sup, _ = pred.stage1(x)
+    p = plan(sup, HARD)
+    s, (b, _) = max(p.calls.items(), key=lambda kv: kv[1][0].numel())
+    d = pred.materialized(s)
+
+    def patch() -> None:
+        for name, (pos, values) in d.weights.items():
+            flat = pred._flat[name]
+            orig = flat[pos]
+            flat[pos] = orig + values
+            flat[pos] = orig
+
+    def group() -> None:
+        pred.base.forward_head(pred.base.forward_stages_with(trunk[b], pred.first_stage, len(STAGES), {}, d.bn), d.head)
+
+    return {
+        "stage one": 1e3 * timed(lambda: pred.stage1(x), device, repeats),
+        f"{len(p.calls)} routed groups": 1e3 * timed(lambda: pred.specialists(trunk, p), device, repeats),
+        f"one group of {b.numel()}: forward": 1e3 * timed(group, device, repeats),
+        "one group: add and restore its delta": 1e3 * timed(patch, device, repeats),
+        "delta stages on the whole batch": 1e3 * timed(
+            lambda: pred.base.forward_head(pred.base.forward_stages(trunk, pred.first_stage, len(STAGES))), device, repeats),
+    }
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -202,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_soft = timed(lambda: pred.predict(x, soft2), device, args.repeats)
     t_trunk = timed(lambda: pred_late.predict(x, HARD), device, args.repeats)
     routed = int(pred.run(x, 1).routes.unique().numel())
+    breakdown = time_breakdown(pred_late, x, device, args.repeats)
     f_one = count_flops(one_network)
     f_hard, f_soft = count_flops(lambda: pred.predict(x, HARD)), count_flops(lambda: pred.predict(x, soft2))
     f_trunk = count_flops(lambda: pred_late.predict(x, HARD))
@@ -226,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_ratio_shared_trunk": t_trunk / t_one,
         "flops_ratio_hard": f_hard / f_one, "flops_ratio_soft": f_soft / f_one, "flops_ratio_shared_trunk": f_trunk / f_one,
         "specialists_per_batch": routed,
+        "breakdown_ms_shared_trunk": breakdown,
         "peak_one_network_mb": m_one / 2**20, "peak_shared_trunk_mb": m_two / 2**20, "peak_memory_ratio": m_two / m_one,
     }
     print(f"device {fig['device']} ({fig['threads']} threads)  {args.backbone} x{args.width} @ {args.image_size}px  "
@@ -239,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("two-stage, hard, shared trunk", t_trunk, fig["flops_ratio_shared_trunk"])]
     for name, t, f in rows:
         print(f"  {name:<31}{1e3 * t:>10.2f}{t / t_one:>9.2f}x{f:>7.2f}x")
+    print("  shared trunk, where the time goes (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     print(f"  peak memory (shared trunk, hard) {fig['peak_shared_trunk_mb']:.1f} MiB vs {fig['peak_one_network_mb']:.1f} MiB "
           f"for one forward = {fig['peak_memory_ratio']:.3f}x ({'CUDA allocator' if device.type == 'cuda' else 'CPU RSS'})")
     print(f"  resident (network + packed layer4 deltas) = {fig['resident_bytes_ratio']:.3f} networks")
