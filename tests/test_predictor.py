@@ -209,3 +209,22 @@ def test_routing_compact_form_round_trips(text, expected):
 def test_routing_compact_form_refuses_bad_values(text):
     with pytest.raises(ValueError, match="routing"):
         Routing.parse(text)
+
+
+def test_calibrate_picks_the_best_on_val_and_the_cheaper_on_ties():
+    from supersub.routing import calibrate
+
+    # image 0: top-1 superclass wrong but unsure (0.55) → soft k=2 recovers it; image 1: sure and right
+    out = StageOutputs(
+        super_probs=torch.tensor([[0.55, 0.45], [0.95, 0.05]]),
+        resident_fine=None,
+        routes=torch.tensor([[0, 1], [0, 1]]),
+        spec_fine=torch.tensor([[[0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.9, 0.1]],
+                                [[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]]),
+    )
+    labels = torch.tensor([2, 0])
+    soft = calibrate(out, labels, "soft", max_k=2)
+    assert soft.k == 2 and combine(out, soft).argmax(1).tolist() == [2, 0]
+    # the sure image needs no second pass: of the equally good thresholds, the cheapest is chosen
+    assert soft.threshold <= 0.95 and specialist_passes(out, soft) == 1.5
+    assert calibrate(out, labels, "hard", max_k=2) == HARD
