@@ -177,3 +177,15 @@ def test_local_runner_retries_then_reports_the_failed_task(tmp_path):
     run_pipeline(tiny(), tmp_path / "run", log=logs.append)
     assert [line.split(":")[0] for line in logs if ": running in" in line] == ["specialist_1"]
     assert any("specialist_1: resumed after epoch 2" in line for line in logs)  # from its checkpoint
+
+
+@pytest.mark.slow
+def test_a_manifest_built_by_the_cli_is_used_as_is(tmp_path):
+    from supersub.cli import main
+
+    data = tmp_path / "built"
+    assert main(["data", "build", "--source", "synthetic:superclasses=3,subclasses=3,per_class=40,size=16",
+                 "--hierarchy", "synthetic", "--out", str(data)]) == 0
+    metrics = run_pipeline(tiny(f"data.manifest={data}", "data.source=/nonexistent"), tmp_path / "run", log=quiet)
+    assert metrics["manifest_dir"] == str(data.resolve()) and not (tmp_path / "run" / "data").exists()
+    assert metrics["manifest_fingerprint"] == load_manifest(data).fingerprint
