@@ -189,3 +189,16 @@ def test_a_manifest_built_by_the_cli_is_used_as_is(tmp_path):
     metrics = run_pipeline(tiny(f"data.manifest={data}", "data.source=/nonexistent"), tmp_path / "run", log=quiet)
     assert metrics["manifest_dir"] == str(data.resolve()) and not (tmp_path / "run" / "data").exists()
     assert metrics["manifest_fingerprint"] == load_manifest(data).fingerprint
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_manifest_of_another_hierarchy_says_how_they_differ(default_run, tmp_path, capsys):
+    from supersub.cli import main
+    from supersub.data import build_manifest
+
+    out, _, _ = default_run
+    other = tmp_path / "other"
+    build_manifest("synthetic:superclasses=2,subclasses=3,per_class=10,size=16", "synthetic", other, progress=False)
+    assert main(["evaluate", "--bundle", str(out / "bundle"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another hierarchy than the bundle's" in err and "not the bundle's 'synthetic" not in err
