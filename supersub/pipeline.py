@@ -240,7 +240,7 @@ def run_pipeline(
     if cfg.baselines.ensemble == "auto":
         served = metrics["models"][metrics["serves"]["model"]]
         members = max(1, math.floor(served["flops_ratio"] + 1e-9))
-        log(f"ensemble: the served two-stage model costs {served['flops_ratio']:.2f} networks of FLOPs an image: "
+        log(f"ensemble: the served two-stage model costs {served['flops_ratio']:.3f} networks of FLOPs an image: "
             f"{members} member(s)")
         b.extra["ensemble"] = ensemble_members(cfg, b.first_data, root, members)
         run_tasks(runner, b.extra["ensemble"], cfg.resources, log)
