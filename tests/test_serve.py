@@ -496,22 +496,36 @@ def test_launcher_drains_on_sigterm(bundles: dict[str, Path], tmp_path: Path) ->
             if line.startswith("serving ") or proc.poll() is not None:
                 break
         assert any(x.startswith("serving ") for x in lines), "".join(lines)
-        results = []
+        results: list[tuple[float, float, int | str]] = []  # (sent, answered, status) per request
+        signalled = threading.Event()
 
-        def request() -> None:
+        def client() -> None:  # requests back to back until the launcher has been signalled
             with httpx.Client(timeout=60) as c:
-                results.append(c.post(f"http://127.0.0.1:{port}/predict", content=JPG,
-                                      headers={"content-type": "image/jpeg"}).status_code)
+                while not signalled.is_set():
+                    sent = time.monotonic()
+                    try:
+                        code: int | str = c.post(f"http://127.0.0.1:{port}/predict", content=JPG,
+                                                 headers={"content-type": "image/jpeg"}).status_code
+                    except httpx.HTTPError as e:
+                        code = type(e).__name__
+                    results.append((sent, time.monotonic(), code))
 
-        pool = [threading.Thread(target=request) for _ in range(8)]
+        pool = [threading.Thread(target=client) for _ in range(8)]
         for t in pool:
             t.start()
-        time.sleep(0.05)
+        time.sleep(1.0)
+        at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        signalled.set()
         for t in pool:
             t.join(timeout=90)
         assert proc.wait(timeout=120) == 0
-        assert results and all(code == 200 for code in results), results  # the requests in flight finished
+        # Answered before the signal: 200. In flight across it: drained to 200 — unless the proxy
+        # had not read it yet, which the drain refuses cleanly (404/503), never a 5xx or a reset.
+        assert all(code == 200 for sent, done, code in results if done < at), results
+        spanning = [code for sent, done, code in results if sent < at <= done]
+        assert 200 in spanning, results
+        assert all(code in (200, 404, 503) for code in spanning), results
     finally:
         if proc.poll() is None:
             proc.kill()
