@@ -82,12 +82,12 @@ def test_every_model_comes_with_its_cost_and_the_controls_are_equal_cost(default
     assert vanilla["crossing_error_chance"] == pytest.approx(100 * 6 / 8)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flops_ratio, members", [(0.9, 1), (1.23, 1), (1.9993, 2), (2.0, 2), (2.73, 2), (3.46, 3)])
 def test_ensemble_gets_as_many_members_as_the_flops_pay_for(flops_ratio, members):
     assert ensemble_size(flops_ratio) == members
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_metrics_json_exactly(default_run, capsys):
     from supersub.cli import main
 
