@@ -12,9 +12,11 @@ writes the figures::
 
     .venv/bin/python benchmarks/serve_load.py --make-tiny-bundle --requests 300 --concurrency 1,8
 
-Loopback only: a measurement of the serving stack, not a load generator for other hosts.
-Serve's optional modes are environment variables read when Ray starts: run once more with
-``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between replicas, direct ingress) to compare.
+``--proxy haproxy,serve`` (the default) measures both of Serve's ingresses, each in a Ray of its
+own (Serve reads the mode when it starts) and each beside its own run of the peer: ``haproxy`` is
+what ``python -m serve`` ships (Serve's HAProxy ingress and throughput-optimised mode, HAProxy's
+side ports on loopback: serve/haproxy_loopback.py), ``serve`` is Serve's Python proxy (``serve
+run``). Loopback only: a measurement of the serving stack, not a load generator for other hosts.
 """
 
 # No `from __future__ import annotations`: the peer's FastAPI endpoint reads its annotations at runtime.
@@ -51,13 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=120.0, help="stop sending to an app after this long")
     p.add_argument("--warmup", type=int, default=30, help="unmeasured requests per app first")
     p.add_argument("--image-px", type=int, default=224, help="side of the JPEG pictures sent")
-    p.add_argument("--batch-wait-ms", type=float, default=None, help="@serve.batch wait (app argument)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="batch_wait_ms app argument")
+    p.add_argument("--proxy", default="haproxy,serve", help="Serve ingresses to measure: haproxy, serve or both")
     p.add_argument("--json", help="write the figures to this file")
     a = p.parse_args(argv)
     if a.requests < 1 or a.duration_s <= 0:
         p.error("--requests and --duration-s must be positive")
     a.levels = [int(c) for c in a.concurrency.split(",")]
     a.apps = [x for x in a.apps.split(",") if x]
+    a.proxies = [x for x in a.proxy.split(",") if x]
+    if not a.proxies or set(a.proxies) - {"haproxy", "serve"}:
+        p.error(f"--proxy: haproxy, serve or both, got {a.proxy!r}")
     unknown = set(a.apps) - set(APPS)
     if unknown:
         p.error(f"unknown apps {sorted(unknown)}")
@@ -70,6 +76,10 @@ def start_serve(a: argparse.Namespace, bundle: str, scratch: Path) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TMPDIR", str(scratch / "ray"))
+    if a.proxies == ["haproxy"]:
+        from serve.haproxy_loopback import haproxy_environment
+
+        os.environ.update(haproxy_environment(scratch / "haproxy"))
     import ray
     from ray import serve
 
@@ -227,6 +237,8 @@ def summarise(run: dict) -> dict[str, float | str]:
     compute = [sum(t.get(k, 0.0) for k in MODEL_STAGES) for _, t in run["results"]]
     decode = [t["decode"] for _, t in run["results"]]
     over = [ms - c for (ms, _), c in zip(run["results"], compute)]
+    # Time outside the app's endpoint (HTTP, proxy, hops into the replica) vs inside it.
+    outside = [ms - t["total"] for ms, t in run["results"]]
     return {
         "ok/sent": f"{len(lat)}/{run['sent']}",
         "req/s": len(lat) / run["wall_s"],
@@ -236,6 +248,7 @@ def summarise(run: dict) -> dict[str, float | str]:
         "decode p50 ms": pct(decode, 50),
         "overhead p50 ms": pct(over, 50),
         "overhead w/o decode p50 ms": pct([o - d for o, d in zip(over, decode)], 50),
+        "outside app p50 ms": pct(outside, 50),
     }
 
 
@@ -259,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.peer_serve:
         peer_serve(a.peer_serve, a.port)
         return 0
+    if len(a.proxies) > 1:
+        return each_proxy(a, argv if argv is not None else sys.argv[1:])
     # A short path: Ray's socket paths must stay under ~107 characters.
     with tempfile.TemporaryDirectory(prefix="ssload-", dir="/tmp") as scratch:
         bundle = a.bundle
@@ -286,6 +301,22 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
 
 
+def each_proxy(a: argparse.Namespace, argv: list[str]) -> int:
+    """One child run a proxy mode (a Ray of its own), then the tables side by side."""
+    base = [x for i, x in enumerate(argv) if not (x.startswith(("--proxy", "--json"))
+                                                    or (i and argv[i - 1] in ("--proxy", "--json")))]
+    merged, rc = {}, 0
+    for proxy in a.proxies:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            print(f"\n=== --proxy {proxy}", flush=True)
+            rc |= subprocess.run([sys.executable, __file__, *base, "--proxy", proxy, "--json", f.name]).returncode
+            text = Path(f.name).read_text()
+            merged.update({f"{k} [{proxy}]": v for k, v in (json.loads(text) if text else {}).items()})
+    if a.json:
+        Path(a.json).write_text(json.dumps(merged, indent=2))
+    return rc
+
+
 def measure(a: argparse.Namespace, urls: dict[str, str]) -> int:
     bodies = pictures(32, a.image_px)
     table = {}
@@ -299,8 +330,8 @@ def measure(a: argparse.Namespace, urls: dict[str, str]) -> int:
                 table[(name, c)]["floor p50 ms"] = floor_ms(base)
             if run["errors"]:
                 print(f"{name} c={c}: {len(run['errors'])} failed, e.g. {run['errors'][:3]}", file=sys.stderr)
-    print(f"\n{a.requests} requests per app and level, {a.image_px}x{a.image_px} JPEG bodies, loopback, "
-          f"{os.cpu_count()} CPUs; compute = the model's time where it runs (timing_ms), overhead = latency - compute")
+    print(f"\n--proxy {a.proxies[0]}: {a.requests} requests per app and level, {a.image_px}x{a.image_px} JPEG "
+          f"bodies, loopback, {os.cpu_count()} CPUs; compute = the model's time where it runs (timing_ms), overhead = latency - compute")
     keys = list(dict.fromkeys(k for row in table.values() for k in row))
     print(f"{'app':10s}{'c':>4s}" + "".join(f"{k:>16s}" for k in keys))
     for (name, c), row in table.items():

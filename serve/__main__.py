@@ -3,12 +3,18 @@
 Serves a bundle the way ``serve run serve.app:app bundle=PATH`` does, with what a service
 needs around it:
 
-* it binds the HTTP endpoint to loopback unless told otherwise (``--fast``: Serve's HAProxy
-  ingress, whose side ports listen everywhere — see ``--help``);
+* it binds the HTTP endpoint to loopback unless told otherwise;
+* it runs Serve's HAProxy ingress and throughput-optimised mode (``--proxy haproxy``, the
+  default): HTTP goes from HAProxy straight to the ingress replica's own server, where Serve's
+  Python proxy would fetch each request body from the replica with an actor call — 3.7 ms of
+  overhead a request instead of 12 on 2 CPUs (docs/benchmarks.md). HAProxy's stats and metrics
+  ports, which Ray binds to every interface, are moved to loopback (serve/haproxy_loopback.py).
+  ``--proxy serve`` is Serve's own proxy, as ``serve run`` has it;
 * it prints one line when ``/healthz`` first answers ok (every stage has run a forward);
-* on SIGTERM or SIGINT it drains: Serve stops routing new requests, lets the ones in flight
-  finish (each deployment's ``graceful_shutdown_timeout_s``), and the process exits 0 — where
-  ``serve run`` aborts on SIGTERM (exit 134).
+* on SIGTERM or SIGINT it drains: it creates the app's ``drain_file``, so every ingress replica
+  answers new requests 503 with ``Retry-After`` (and ``/healthz`` 503, for a load balancer), waits
+  until ``/healthz`` reports no request in flight (``--drain-timeout-s`` at most), then stops Serve
+  and Ray and exits 0 — where ``serve run`` aborts on SIGTERM (exit 134).
 
 Ray's own ports listen on every interface (Ray 2.60 has no bind-address option); this launcher
 keeps Ray's default token authentication on, so they answer no one without the token. App
@@ -18,12 +24,19 @@ arguments are those of :class:`serve.app.AppArgs`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
+
+from serve.haproxy_loopback import haproxy_environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--vanilla", action="store_true", help="serve the bundle's vanilla network (vanilla_app)")
-    p.add_argument("--fast", action="store_true",
-                   help="Ray Serve's HAProxy ingress and throughput-optimised mode: about 6 ms less per request on "
-                   "2 CPUs, but HAProxy's stats (8404) and metrics (9101) ports and the replicas' HTTP ports listen "
-                   "on every interface: only behind a firewall or on a private network")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, wait at most this long for the requests in flight")
+    p.add_argument("--proxy", choices=("haproxy", "serve"), default="haproxy",
+                   help="haproxy (default): Serve's HAProxy ingress and throughput-optimised mode, every port it "
+                   "opens on loopback (stats 8404, metrics 9101: RAY_SERVE_HAPROXY_STATS_PORT / _METRICS_PORT); "
+                   "serve: Serve's Python proxy, as `serve run` has it (~8 ms more a request on 2 CPUs)")
     a = p.parse_intermixed_args(argv)  # key=value pairs before and after the options
     args = {}
     for item in a.args:
@@ -44,8 +59,22 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{item!r} is not key=value")
         args[key] = value
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if a.fast:  # read by Ray Serve when it starts: set before ray.init
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    scratch = Path(tempfile.mkdtemp(prefix="supersub-serve-"))
+    try:
+        if a.proxy == "haproxy":
+            try:
+                # Read by Serve when it starts: set before ray.init.
+                os.environ.update(haproxy_environment(scratch / "haproxy"))
+            except FileNotFoundError as e:
+                print(f"python -m serve: error: {e}; --proxy serve runs without it", file=sys.stderr)
+                return 2
+        args.setdefault("drain_file", str(scratch / "draining"))
+        return serve_until_signalled(a, args)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def serve_until_signalled(a: argparse.Namespace, args: dict[str, str]) -> int:
     import ray
     from ray import serve
 
@@ -73,14 +102,34 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             time.sleep(0.5)
     stop.wait()
-    print("draining: finishing the requests in flight", flush=True)
-    # Deleting the app drains it: every replica stops taking requests and finishes the ones it
-    # has (graceful_shutdown_timeout_s) before it stops; serve.shutdown() alone would cut them.
-    serve.delete("supersub", _blocking=True)
+    print("draining: new requests are answered 503 + Retry-After; finishing the ones in flight", flush=True)
+    Path(args["drain_file"]).touch()
+    left = wait_until_idle(url, a.drain_timeout_s)
+    if left:
+        print(f"drain timeout: {left} request(s) still in flight are cut", flush=True)
+    # Not serve.delete first: the routes would go at once and new requests get 404, not 503.
     serve.shutdown()
     ray.shutdown()
     print("stopped", flush=True)
     return 0
+
+
+def wait_until_idle(url: str, timeout_s: float) -> int:
+    """Polls the draining ``/healthz`` until three answers in a row say no request is in flight
+    (three: behind several ingress replicas, one answer speaks for one replica); returns the
+    last count seen (0 when idle)."""
+    deadline, zeros, left = time.monotonic() + timeout_s, 0, -1
+    while zeros < 3 and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5):
+                pass  # 200: the flag is not seen yet
+        except urllib.error.HTTPError as e:
+            left = int(json.loads(e.read() or b"{}").get("in_flight", -1))
+            zeros = zeros + 1 if left == 0 else 0
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return max(left, 0) if zeros >= 3 else max(left, 1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ answers a real forward, else 503.
 # Query) at runtime, and Serve's class-based ingress wraps the methods where strings cannot resolve.
 import asyncio
 import math
+import os
 import time
 from typing import Any, Literal
 
@@ -75,8 +76,13 @@ class AppArgs(BaseModel):
     body_timeout_s: float = Field(Limits.body_timeout_s, gt=0, le=3600, description="the body must arrive within this")
     decode_timeout_s: float = Field(Limits.decode_timeout_s, gt=0, le=3600, description="decoding budget per request")
     max_deltas: int = Field(16, gt=0, description="decoded deltas kept per model replica (LRU)")
-    batch_size: int = Field(16, gt=0, le=1024, description="@serve.batch max_batch_size (requests per batch)")
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="@serve.batch wait for a fuller batch")
+    batch_size: int = Field(16, gt=0, le=1024, description="requests per batch: a model replica runs what queued "
+                            "while it was busy, up to this many, in one forward (serve/batching.py)")
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="wait this long after a batch's first request for "
+                                 "more (0: an idle replica runs a request at once)")
+    drain_file: str | None = Field(None, description="while this file exists the ingress drains: /predict answers "
+                                   "503 + Retry-After, /healthz 503 with the requests still in flight (python -m "
+                                   "serve creates one on SIGTERM)")
 
     @field_validator("body_timeout_s", "decode_timeout_s", "batch_wait_ms")
     @classmethod
@@ -160,15 +166,22 @@ def _unavailable(reason: str) -> JSONResponse:
                         headers={"Retry-After": "1"})
 
 
+def _draining(in_flight: int) -> JSONResponse:
+    # Connection: close, so that a keep-alive client reconnects (to another replica, or later).
+    return JSONResponse({"detail": "draining: this service is stopping, retry later", "in_flight": in_flight},
+                        status_code=503, headers={"Retry-After": "1", "Connection": "close"})
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=64)
 @serve.ingress(api)
 class Ingress:
     """HTTP: request parsing and validation, decoding, preprocessing, the JSON answer."""
 
-    def __init__(self, model: DeploymentHandle | tuple, info: dict[str, Any], limits: Limits) -> None:
+    def __init__(self, model: DeploymentHandle | tuple, info: dict[str, Any], limits: Limits,
+                 drain_file: str | None = None) -> None:
         # graph=single: (deployment, its arguments), built here and called without a hop.
         self.model = _InProcess(model[0], *model[1:]) if isinstance(model, tuple) else model
-        self.info, self.limits = info, limits
+        self.info, self.limits, self.drain_file, self.in_flight = info, limits, drain_file, 0
         h = Hierarchy.from_dict(info["hierarchy"])
         self.supers, self.subs, self.num_subclasses = h.superclasses, h.subclasses, h.num_subclasses
         self.routings: dict[str, str] = info.get("routings") or {}
@@ -177,7 +190,10 @@ class Ingress:
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Problem}})
     async def healthz(self) -> Any:
-        """ok when every model stage has just answered a real forward; 503 while one is down."""
+        """ok when every model stage has just answered a real forward; 503 while one is down, and
+        while draining (with the number of /predict requests still in flight here)."""
+        if self._is_draining():
+            return _draining(self.in_flight)
         try:
             await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of a stage means not healthy
@@ -189,6 +205,10 @@ class Ingress:
     async def hierarchy(self) -> dict[str, Any]:
         """The bundle's hierarchy JSON: superclasses and their subclasses, in model order."""
         return self.info["hierarchy"]
+
+    def _is_draining(self) -> bool:
+        # A stat() a request (~2 µs): every replica of every graph sees the flag at once, no RPC.
+        return self.drain_file is not None and os.path.exists(self.drain_file)
 
     def _routing(self, request: Request) -> str | None:
         unknown = sorted(set(request.query_params) - _QUERY)
@@ -227,13 +247,19 @@ class Ingress:
         ``file`` parts, or JSON ``{"image": base64}`` / ``{"images": [base64, ...]}``. A batch
         (``images``, several files) is answered ``{"predictions": [...]}``."""
         t0 = time.perf_counter()
-        chosen = self._routing(request)
-        images, batch = await request_images(request, self.limits)
-        x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
+        if self._is_draining():
+            return _draining(self.in_flight)
+        self.in_flight += 1
         try:
-            out = await self.model.predict.remote(x, chosen)
-        except _UNAVAILABLE as e:
-            return _unavailable(type(e).__name__)
+            chosen = self._routing(request)
+            images, batch = await request_images(request, self.limits)
+            x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
+            try:
+                out = await self.model.predict.remote(x, chosen)
+            except _UNAVAILABLE as e:
+                return _unavailable(type(e).__name__)
+        finally:
+            self.in_flight -= 1
         total = (time.perf_counter() - t0) * 1000
         preds = [
             self._answer(fine, sup, top_k, chosen, {"decode": d, **out["timing_ms"], "total": total})
@@ -292,13 +318,13 @@ def app(args: dict[str, Any]) -> Application:
         raise ValueError(f"routing={a.routing}: {e}") from None
     info = _info("two-stage", a.bundle, bundle, routing)
     if a.graph == "single":
-        return Ingress.bind((TwoStage, a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms), info, a.limits)
-    if a.graph == "fused":
+        model = (TwoStage, a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+    elif a.graph == "fused":
         model = TwoStage.bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     else:
         specialist = Specialist.bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
         model = Generalist.bind(specialist, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.bind(model, info, a.limits)
+    return Ingress.bind(model, info, a.limits, a.drain_file)
 
 
 def vanilla_app(args: dict[str, Any]) -> Application:
@@ -310,5 +336,7 @@ def vanilla_app(args: dict[str, Any]) -> Application:
         raise BundleError(f"bundle {a.bundle} has no vanilla network (resident {bundle.resident!r}, no 'vanilla' baseline)")
     info = _info("vanilla", a.bundle, bundle, None)
     if a.graph == "single":
-        return Ingress.bind((Network, a.bundle, a.device, a.batch_size, a.batch_wait_ms), info, a.limits)
-    return Ingress.bind(Network.bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms), info, a.limits)
+        model = (Network, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
+    else:
+        model = Network.bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.bind(model, info, a.limits, a.drain_file)

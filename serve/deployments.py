@@ -1,8 +1,8 @@
 """The model deployments: what runs the networks behind the HTTP ingress.
 
-* :class:`TwoStage` — the fused deployment (the default): stage one and the routed specialists
-  in one replica, on one resident network, with decoded deltas in an LRU. One handle hop per
-  request; what to run when one machine serves (every replica holds the whole model).
+* :class:`TwoStage` — stage one and the routed specialists in one replica, on one resident
+  network, with decoded deltas in an LRU. Inside the ingress replica (``graph=single``, the
+  default: no hop) or as a deployment of its own behind it (``graph=fused``).
 * :class:`Generalist` → :class:`Specialist` — the per-stage graph: stage one and routing in one
   deployment, specialists in another, multiplexed by superclass (Serve sends a superclass to the
   replicas already holding its delta) and batched per superclass. Two hops; what to run when the
@@ -13,13 +13,16 @@ Every model deployment answers ``predict(x, routing)`` with fine and superclass 
 its compute time, and ``health()`` by running a real (tiny) forward through every stage — the
 ingress's ``/healthz`` is only ok when that works. A replica runs that forward once in its
 constructor too, so a bundle or device that cannot work fails ``serve run`` at start, not the
-first request. The predictor changes no weights in place, so a replica's threads share it.
+first request. Requests are batched by :class:`serve.batching.Batcher`: what queued while the
+model was busy runs as one forward, in one thread per model (the predictor applies a delta to
+the resident's weights in place, under its own lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from serve.batching import Batcher
 from supersub.delta import MaterializedDelta
 from supersub.metrics import superclass_probs
 from supersub.remote import open_bundle
@@ -46,12 +50,6 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _batching(method: Any, size: int, wait_ms: float) -> None:
-    # @serve.batch takes its limits at class definition; app arguments set them per replica.
-    method.set_max_batch_size(size)
-    method.set_batch_wait_timeout_s(wait_ms / 1000)
-
-
 def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
     return [None] * len(sizes) if t is None else list(t.split(sizes))
 
@@ -69,11 +67,11 @@ class TwoStage:
     """The fused deployment: stage one and the routed specialists of a batch in one replica."""
 
     def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 16, batch_size: int = 16,
-                 batch_wait_ms: float = 2.0) -> None:
+                 batch_wait_ms: float = 0.0) -> None:
         b = open_bundle(bundle)
         self.predictor = b.predictor(check_device(device), cache_items=max_deltas, cache_bytes=1 << 34)
         self.size = b.image_size
-        _batching(self.batched, batch_size, batch_wait_ms)
+        self.batcher = Batcher(self._batch, batch_size, batch_wait_ms)
         self._forward(torch.zeros(1, 3, self.size, self.size), [b.routing()] * 1)  # fail here, not at a request
 
     def _forward(self, x: torch.Tensor, routings: list[Routing]) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -90,16 +88,14 @@ class TwoStage:
             fine = torch.stack([combine(out, r)[i] for i, r in enumerate(routings)])
         return fine, out.super_probs, (time.perf_counter() - t0) * 1000
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def batched(self, xs: list[torch.Tensor], routings: list[str]) -> list[tuple]:
-        parsed = [Routing.parse(r) for r in routings]
-        per_image = [r for x, r in zip(xs, parsed) for _ in range(x.shape[0])]
-        fine, sup, ms = await asyncio.to_thread(self._forward, torch.cat(xs), per_image)
-        sizes = [x.shape[0] for x in xs]
+    def _batch(self, requests: list[tuple[torch.Tensor, str]]) -> list[tuple]:
+        per_image = [Routing.parse(r) for x, r in requests for _ in range(x.shape[0])]
+        fine, sup, ms = self._forward(torch.cat([x for x, _ in requests]), per_image)
+        sizes = [x.shape[0] for x, _ in requests]
         return [(f, s, ms) for f, s in zip(fine.split(sizes), sup.split(sizes))]
 
     async def predict(self, x: torch.Tensor, routing: str) -> dict[str, Any]:
-        fine, sup, ms = await self.batched(x, routing)
+        fine, sup, ms = await self.batcher.submit((x, routing))
         return {"fine": fine, "super": sup, "timing_ms": {"model": ms}}
 
     async def health(self) -> bool:
@@ -113,7 +109,7 @@ class Specialist:
     """The resident network + the delta of one superclass per batch; decoded deltas multiplexed."""
 
     def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 4, batch_size: int = 16,
-                 batch_wait_ms: float = 2.0) -> None:
+                 batch_wait_ms: float = 0.0) -> None:
         b = open_bundle(bundle)
         self.predictor = predictor = b.predictor(check_device(device))
         self.index = {sup.id: i for i, sup in enumerate(predictor.hierarchy.superclasses)}
@@ -123,7 +119,10 @@ class Specialist:
 
         # Wrapped here, not with a decorator, so that the LRU size is an app argument.
         self.delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load_delta)
-        _batching(self.batched, batch_size, batch_wait_ms)
+        # A batch holds one superclass's requests: a batcher per superclass, one thread for all.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="specialist")
+        self._batchers: dict[int, Batcher] = {}
+        self._batch_size, self._batch_wait_ms = batch_size, batch_wait_ms
         self._trunk_shape = self._warm(b.image_size)
 
     def _warm(self, size: int) -> tuple[int, ...]:
@@ -132,23 +131,22 @@ class Specialist:
         self.predictor.specialist(0, trunk)
         return tuple(trunk.shape[1:])
 
-    def _forward(self, s: int, delta: MaterializedDelta, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _batch(self, s: int, requests: list[tuple[MaterializedDelta, torch.Tensor]]) -> list[tuple[torch.Tensor, float]]:
         t0 = time.perf_counter()
-        probs = self.predictor.specialist(s, trunk.to(self.predictor.device), delta).cpu()
-        return probs, (time.perf_counter() - t0) * 1000
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def batched(self, trunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
-        # Serve splits batches by multiplexed model id: every item here is for one superclass.
-        superclass_id = serve.get_multiplexed_model_id()
-        delta = await self.delta(superclass_id)
-        probs, ms = await asyncio.to_thread(self._forward, self.index[superclass_id], delta, torch.cat(trunks))
-        return [(p, ms) for p in probs.split([t.shape[0] for t in trunks])]
+        trunk = torch.cat([t for _, t in requests]).to(self.predictor.device)
+        probs = self.predictor.specialist(s, trunk, requests[0][0]).cpu()
+        ms = (time.perf_counter() - t0) * 1000
+        return [(p, ms) for p in probs.split([t.shape[0] for _, t in requests])]
 
     async def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Softmax ``[m, n_sub(+1)]`` of the specialist named by the request's multiplexed model
         id on trunk features ``[m, ...]``, and the compute time (ms) of its batch."""
-        return await self.batched(trunk)
+        superclass_id = serve.get_multiplexed_model_id()
+        s, delta = self.index[superclass_id], await self.delta(superclass_id)
+        if s not in self._batchers:
+            self._batchers[s] = Batcher(lambda reqs, s=s: self._batch(s, reqs), self._batch_size,
+                                        self._batch_wait_ms, self._thread)
+        return await self._batchers[s].submit((delta, trunk))
 
     async def health(self) -> bool:
         trunk = torch.zeros(1, *self._trunk_shape)
@@ -161,24 +159,20 @@ class Generalist:
     """Stage one on the resident network, then routing, specialist fan-out and ``combine``."""
 
     def __init__(self, specialist: DeploymentHandle, bundle: str, device: str = "cpu", batch_size: int = 16,
-                 batch_wait_ms: float = 2.0) -> None:
+                 batch_wait_ms: float = 0.0) -> None:
         b = open_bundle(bundle)
         self.predictor = b.predictor(check_device(device))
         self.hierarchy, self.specialist, self.size = self.predictor.hierarchy, specialist, b.image_size
         self.ids = self.hierarchy.superclass_ids
-        _batching(self.stage1, batch_size, batch_wait_ms)
+        self.batcher = Batcher(self._stage1, batch_size, batch_wait_ms)
         self.predictor.stage1(torch.zeros(1, 3, self.size, self.size))  # fail here, not at a request
 
-    def _stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    def _stage1(self, xs: list[torch.Tensor]) -> list[tuple]:
         t0 = time.perf_counter()
-        trunk, sup, resident = self.predictor.stage1(x.to(self.predictor.device))
+        trunk, sup, resident = self.predictor.stage1(torch.cat(xs).to(self.predictor.device))
         ms = (time.perf_counter() - t0) * 1000
         # The trunk goes to the specialists as is: stages before first_stage are not recomputed.
-        return trunk.cpu(), sup.cpu(), None if resident is None else resident.cpu(), ms
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def stage1(self, xs: list[torch.Tensor]) -> list[tuple]:
-        trunk, sup, resident, ms = await asyncio.to_thread(self._stage1, torch.cat(xs))
+        trunk, sup, resident = trunk.cpu(), sup.cpu(), None if resident is None else resident.cpu()
         sizes = [x.shape[0] for x in xs]
         return [(*parts, ms) for parts in zip(_split(trunk, sizes), _split(sup, sizes), _split(resident, sizes))]
 
@@ -196,7 +190,7 @@ class Generalist:
         """Images ``[B, 3, S, S]`` → fine probabilities ``[B, C]``, superclass probabilities
         ``[B, S]`` and per-stage compute times (ms)."""
         r = Routing.parse(routing)
-        trunk, sup, resident, stage1_ms = await self.stage1(x)
+        trunk, sup, resident, stage1_ms = await self.batcher.submit(x)
         p = plan(sup, r)
         answers = await asyncio.gather(*(self._ask(s, trunk[b]) for s, (b, _) in p.calls.items()))
         fine = combine(assemble(self.hierarchy, sup, resident, p, {s: a[0] for s, a in zip(p.calls, answers)}), r)
@@ -211,11 +205,11 @@ class Generalist:
 class Network:
     """One network over all subclasses (the vanilla baseline), same interface as the others."""
 
-    def __init__(self, bundle: str, device: str = "cpu", batch_size: int = 16, batch_wait_ms: float = 2.0) -> None:
+    def __init__(self, bundle: str, device: str = "cpu", batch_size: int = 16, batch_wait_ms: float = 0.0) -> None:
         b = open_bundle(bundle)
         self.device = check_device(device)
         self.net, self.hierarchy, self.size = b.load_vanilla().to(self.device).eval(), b.hierarchy, b.image_size
-        _batching(self.forward, batch_size, batch_wait_ms)
+        self.batcher = Batcher(self._batch, batch_size, batch_wait_ms)
         self._forward(torch.zeros(1, 3, self.size, self.size))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -225,14 +219,13 @@ class Network:
             sup = superclass_probs(fine, self.hierarchy)
         return fine.cpu(), sup.cpu(), (time.perf_counter() - t0) * 1000
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def forward(self, xs: list[torch.Tensor]) -> list[tuple]:
-        fine, sup, ms = await asyncio.to_thread(self._forward, torch.cat(xs))
+    def _batch(self, xs: list[torch.Tensor]) -> list[tuple]:
+        fine, sup, ms = self._forward(torch.cat(xs))
         sizes = [x.shape[0] for x in xs]
         return [(f, s, ms) for f, s in zip(fine.split(sizes), sup.split(sizes))]
 
     async def predict(self, x: torch.Tensor, routing: str | None = None) -> dict[str, Any]:
-        fine, sup, ms = await self.forward(x)
+        fine, sup, ms = await self.batcher.submit(x)
         return {"fine": fine, "super": sup, "timing_ms": {"network": ms}}
 
     async def health(self) -> bool:
