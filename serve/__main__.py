@@ -5,9 +5,9 @@ needs around it:
 
 * it binds the HTTP endpoint to loopback unless told otherwise;
 * it runs Serve's HAProxy ingress and throughput-optimised mode (``--proxy haproxy``, the
-  default): HTTP goes from HAProxy straight to the ingress replica's own server, where Serve's
-  Python proxy would fetch each request body from the replica with an actor call — 3.7 ms of
-  overhead a request instead of 12 on 2 CPUs (docs/benchmarks.md). HAProxy's stats and metrics
+  default): HTTP goes from HAProxy straight to the ingress replica's own server, where behind
+  Serve's Python proxy the replica fetches each request body from the proxy with an actor call —
+  3.4–4.9 ms of overhead a request instead of 10–12 on 2 CPUs (docs/benchmarks.md). HAProxy's stats and metrics
   ports, which Ray binds to every interface, are moved to loopback (serve/haproxy_loopback.py).
   ``--proxy serve`` is Serve's own proxy, as ``serve run`` has it;
 * it prints one line when ``/healthz`` first answers ok (every stage has run a forward);
@@ -106,7 +106,8 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str]) -> int:
     Path(args["drain_file"]).touch()
     left = wait_until_idle(url, a.drain_timeout_s)
     if left:
-        print(f"drain timeout: {left} request(s) still in flight are cut", flush=True)
+        cut = f"{left} request(s) in flight are cut" if left > 0 else "no draining /healthz answer seen"
+        print(f"drain timeout after {a.drain_timeout_s:g} s: {cut}", flush=True)
     # Not serve.delete first: the routes would go at once and new requests get 404, not 503.
     serve.shutdown()
     ray.shutdown()
@@ -116,8 +117,8 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str]) -> int:
 
 def wait_until_idle(url: str, timeout_s: float) -> int:
     """Polls the draining ``/healthz`` until three answers in a row say no request is in flight
-    (three: behind several ingress replicas, one answer speaks for one replica); returns the
-    last count seen (0 when idle)."""
+    (three: behind several ingress replicas, one answer speaks for one replica). Returns 0 then;
+    at the timeout, the last count seen (-1: none seen)."""
     deadline, zeros, left = time.monotonic() + timeout_s, 0, -1
     while zeros < 3 and time.monotonic() < deadline:
         try:
@@ -129,7 +130,7 @@ def wait_until_idle(url: str, timeout_s: float) -> int:
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    return max(left, 0) if zeros >= 3 else max(left, 1)
+    return 0 if zeros >= 3 else left
 
 
 if __name__ == "__main__":
