@@ -10,11 +10,14 @@
       base.safetensors         the resident network (generalist or vanilla)
       deltas/<i>.safetensors   one packed delta per superclass i (zero-padded)
       baselines/<name>.safetensors   optional: the vanilla network when the resident is a generalist
+      router.safetensors       optional: the trunk router (stage one on the resident's trunk)
 
 Everything is safetensors or JSON: loading a bundle never unpickles. :func:`load_bundle` refuses,
 with one :class:`BundleError` line naming the path: a path that is absolute or leads outside the
-bundle, a file the manifest does not list or lists but is missing, any byte that does not match
-its sha256, a file that is not what it claims. The hashes guard against corruption, not against
+bundle, a file the manifest does not list or lists but is missing, a listed file that no field of
+the format names (:func:`file_roles`), any byte that does not match its sha256, a file that is not
+what it claims. Hashes are checked as files are read; :func:`verify_files` reads them all at once
+(``python -m serve``'s pre-flight, before Ray starts). The hashes guard against corruption, not against
 someone who rewrites the manifest too; with a key (``SUPERSUB_BUNDLE_KEY`` or ``key=``) bundles are
 signed when written and refused when the signature is missing or does not match.
 """
@@ -25,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path, PurePosixPath
@@ -39,6 +43,7 @@ from supersub.errors import BundleError
 from supersub.hierarchy import Hierarchy, HierarchyError
 from supersub.models import ResNet, state_bytes
 from supersub.networks import NetworkSpec, load_state, save_weights, sha256_file
+from supersub.router import ROUTER_FILE, RouterSpec, TrunkRouter
 from supersub.routing import Routing
 
 FORMAT_VERSION = 2
@@ -46,7 +51,7 @@ KIND = "supersub.bundle"
 SIGNATURE_FILE = "manifest.json.hmac"
 KEY_ENV = "SUPERSUB_BUNDLE_KEY"
 
-__all__ = ["Bundle", "NetworkSpec", "load_bundle", "sha256_file", "write_bundle"]
+__all__ = ["Bundle", "NetworkSpec", "file_roles", "load_bundle", "sha256_file", "verify_files", "write_bundle"]
 
 
 def _key(key: bytes | str | None) -> bytes | None:
@@ -71,6 +76,7 @@ def write_bundle(
     serves: dict[str, str],
     evaluation: dict[str, Any] | None = None,
     baselines: dict[str, tuple[torch.nn.Module, NetworkSpec]] | None = None,
+    router: tuple[torch.nn.Module, RouterSpec] | None = None,
     extra: dict[str, Any] | None = None,
     key: bytes | str | None = None,
 ) -> dict[str, Any]:
@@ -98,6 +104,8 @@ def write_bundle(
         (tmp / "baselines").mkdir(exist_ok=True)
         save_weights(model, tmp / f"baselines/{name}.safetensors")
         base_files[name] = {"file": f"baselines/{name}.safetensors", **spec.to_dict()}
+    if router is not None:
+        save_weights(router[0], tmp / ROUTER_FILE)
     files = {
         p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*.safetensors"))
@@ -116,14 +124,16 @@ def write_bundle(
         "serves": dict(serves),
         "evaluation": evaluation or {},
         "baselines": base_files,
+        **({"router": {"file": ROUTER_FILE, **router[1].to_dict()}} if router is not None else {}),
         "bytes": {
             "network": network_bytes,
             "base_file": files["base.safetensors"]["bytes"],
             "per_specialist": per_specialist,
             "specialists_total": total_deltas,
             "mean_specialist_ratio": total_deltas / max(1, len(deltas)) / network_bytes,
-            # "N+1 networks → x·N+1": the stored size of base + all deltas, in networks.
-            "total_in_networks": (network_bytes + total_deltas) / network_bytes,
+            "router": files[ROUTER_FILE]["bytes"] if router is not None else 0,
+            # "N+1 networks → x·N+1": the stored size of base + all deltas (+ router), in networks.
+            "total_in_networks": (network_bytes + total_deltas + (state_bytes(router[0]) if router else 0)) / network_bytes,
         },
         "files": files,
         **(extra or {}),
@@ -165,10 +175,17 @@ class Bundle:
             self.delta_cfg = from_dict(DeltaConfig, manifest["delta"])
             self.routings = {name: Routing.parse(r) for name, r in manifest["routings"].items()}
             self.serves = Routing.parse(manifest["serves"]["routing"])
+            self.router_spec = RouterSpec.from_dict(manifest["router"]) if "router" in manifest else None
         except (KeyError, TypeError, ValueError, HierarchyError) as e:
             raise BundleError(f"bundle {path}: manifest.json is not valid ({type(e).__name__}: {e})") from None
         if self.resident not in ("vanilla", "generalist"):
             raise BundleError(f"bundle {path}: resident must be 'vanilla' or 'generalist', got {self.resident!r}")
+        r = self.router_spec
+        if r is not None and (self.resident != "vanilla" or r.num_superclasses != self.hierarchy.num_superclasses
+                              or r.first_stage != self.delta_cfg.first_stage):
+            raise BundleError(f"bundle {path}: the router ({r.num_superclasses} superclasses after stage {r.first_stage}) "
+                              f"does not fit a {self.resident} resident, {self.hierarchy.num_superclasses} superclasses "
+                              f"and deltas from stage {self.delta_cfg.first_stage}")
         expected = self.hierarchy.num_subclasses if self.resident == "vanilla" else self.hierarchy.num_superclasses
         if self.base_spec.num_outputs != expected:
             raise BundleError(f"bundle {path}: the {self.resident} network has {self.base_spec.num_outputs} outputs, "
@@ -202,6 +219,22 @@ class Bundle:
 
     def load_base(self) -> ResNet:
         return self._load_network(self.base_spec, self.manifest["base"]["file"])
+
+    def load_router(self) -> TrunkRouter | None:
+        """The trunk router (stage one on the resident's trunk), or None when the resident routes."""
+        if self.router_spec is None:
+            return None
+        file = self.manifest["router"]["file"]
+        try:
+            state = st_load(self.read(file))
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
+            raise BundleError(f"bundle file {file} is not a safetensors file ({type(e).__name__})") from None
+        try:
+            return load_state(self.router_spec.build(), state, f"bundle file {file}")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
 
     def load_deltas(self) -> dict[int, PackedDelta]:
         out = {}
@@ -244,7 +277,8 @@ class Bundle:
     def predictor(self, device: torch.device | str = "cpu", **kwargs: Any):
         from supersub.predictor import TwoStagePredictor
 
-        return TwoStagePredictor(self.load_base(), self.hierarchy, self.load_deltas(), self.resident, device, **kwargs)
+        return TwoStagePredictor(self.load_base(), self.hierarchy, self.load_deltas(), self.resident, device,
+                                 router=self.load_router(), **kwargs)
 
     def routing(self, name: str | None = None) -> Routing:
         """The routing the bundle serves, or a reported one by family name (``hard``, ``soft_pooled``)."""
@@ -291,6 +325,9 @@ def load_bundle(path: str | Path, verify: bool = True, key: bytes | str | None =
     if not isinstance(baselines, dict):
         raise BundleError(f"{mf}: 'baselines' must be a mapping")
     referenced += [(f"baselines.{n}.file", (e or {}).get("file") if isinstance(e, dict) else None) for n, e in baselines.items()]
+    if "router" in manifest:
+        router = manifest["router"]
+        referenced.append(("router.file", router.get("file") if isinstance(router, dict) else None))
     for what, name in referenced:
         _inside(path, name, what)
         if name not in listed:
@@ -303,4 +340,54 @@ def load_bundle(path: str | Path, verify: bool = True, key: bytes | str | None =
     missing = sorted(set(listed) - present)
     if missing:
         raise BundleError(f"bundle {path} is missing {', '.join(missing)}")
+    roles = file_roles(manifest)
+    roleless = sorted(set(listed) - set(roles))
+    if roleless:
+        raise BundleError(f"bundle {path}: manifest.json lists {', '.join(roleless)}, which no field of the format "
+                          "names (base, router, baselines, deltas/<superclass>.safetensors)")
     return Bundle(path, manifest, verify)
+
+
+# A delta's name as write_bundle writes it: its superclass index, zero-padded.
+_DELTA_FILE = re.compile(r"deltas/[0-9]+\.safetensors")
+# Manifest fields that name one optional network file each (``{"file": ..., **NetworkSpec}``),
+# beside ``base``: ``router`` (issue 18: a trunk + superclass head for stage one).
+OPTIONAL_NETWORK_FIELDS = ("router",)
+
+
+def file_roles(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every file name the manifest's fields give a role: ``base``, each optional network field
+    (``router``), ``baselines.<name>``, and ``delta`` for ``deltas/<i>.safetensors``. A listed
+    file with no role would never be read, so :func:`load_bundle` refuses it."""
+    roles = {}
+    for field in ("base", *OPTIONAL_NETWORK_FIELDS):
+        entry = manifest.get(field)
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            roles[entry["file"]] = field
+    for name, entry in (manifest.get("baselines") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            roles[entry["file"]] = f"baselines.{name}"
+    for name in manifest.get("files", {}):
+        if _DELTA_FILE.fullmatch(name):
+            roles.setdefault(name, "delta")
+    return roles
+
+
+def verify_files(bundle: Bundle) -> None:
+    """The pre-flight check: reads every file the bundle will load — base, deltas, baselines and
+    any optional network (``router``) — checks each against its sha256 and parses it (safetensors,
+    shapes against the manifest's spec, each delta against the hierarchy). Raises one
+    :class:`BundleError` line naming the file; costs a load of each network (no forward)."""
+    bundle.load_base()
+    bundle.load_deltas()
+    for name in bundle.baseline_names:
+        bundle.load_baseline(name)
+    for field in OPTIONAL_NETWORK_FIELDS:  # hashed and parsed; its shapes are its loader's to check
+        entry = bundle.manifest.get(field)
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            try:
+                st_load(bundle.read(entry["file"]))
+            except BundleError:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
+                raise BundleError(f"bundle file {entry['file']} is not a safetensors file ({type(e).__name__})") from None

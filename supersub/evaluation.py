@@ -49,7 +49,7 @@ from supersub.routing import (
     specialist_passes,
 )
 from supersub.stats import paired_bootstrap
-from supersub.tasks import load_packed
+from supersub.tasks import load_packed, load_router
 from supersub.train import predict_logits
 
 
@@ -101,6 +101,7 @@ class EvaluationInputs:
     baseline_dirs: dict[str, list[str]] = field(default_factory=dict)  # vanilla_scaled, vanilla_long, ensemble
     delta_all_dir: str | None = None
     specialists_use_vanilla: bool = False  # init, head rows or distillation from it: its training counts too
+    router_dir: str | None = None  # generalist.kind=trunk_router: stage one is the trunk + this head
     loader: str = "auto"
     num_workers: int = 2
     cache_dir: str | None = None
@@ -146,11 +147,14 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
         return make_loader(manifest, spec, image_size=inputs.image_size, mode=inputs.loader, device=device,
                            num_workers=inputs.num_workers, cache_dir=inputs.cache_dir)
 
+    router = load_router(inputs.router_dir) if inputs.router_dir else None
     # Evaluation keeps every decoded delta on the device: each batch needs many specialists.
-    predictor = TwoStagePredictor(resident, h, deltas, inputs.resident, device, amp=amp, cache_bytes=1 << 30)
+    predictor = TwoStagePredictor(resident, h, deltas, inputs.resident, device, amp=amp, cache_bytes=1 << 30,
+                                  router=router[0] if router else None)
     top = min(max(K_GRID) if evaluation.calibrate else 2, h.num_superclasses)
     val_out, _, val_labels = collect(predictor, loader("val"), top, oracle=False) if test_split == "test" else (None, None, None)
-    chosen = routings(val_out, val_labels, not own, evaluation.calibrate and val_out is not None, top)
+    pools = not own and router is None  # stage one ran the vanilla network's whole forward: its answer is free
+    chosen = routings(val_out, val_labels, pools, evaluation.calibrate and val_out is not None, top)
     served_name, served = served_routing(evaluation.serve, chosen)
     if served.k > top:
         raise ValueError(f"evaluation.serve={evaluation.serve}: k={served.k} exceeds the {top} superclasses evaluated")
@@ -201,9 +205,11 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
 
     # ---- the two-stage model under each routing
     stage1_flops, one_pass = two_stage_flops(predictor, inputs.image_size)
-    total_bytes = (state_bytes(resident) + sum(d.nbytes for d in deltas.values())) / vanilla_bytes
+    total_bytes = (state_bytes(resident) + sum(d.nbytes for d in deltas.values())
+                   + (state_bytes(router[0]) if router else 0)) / vanilla_bytes
     trained = (_train_images(inputs.resident_dir) + sum(_train_images(d) for d in inputs.specialist_dirs)
-               + (_train_images(inputs.vanilla_dir) if own and inputs.specialists_use_vanilla else 0))
+               + (_train_images(inputs.vanilla_dir) if own and inputs.specialists_use_vanilla else 0)
+               + _train_images(inputs.router_dir))  # the router's images went through the trunk too
     reported = {f"two_stage_{f}": r for f, r in chosen.items()}
     if served_name == "two_stage_served":
         reported[served_name] = served
@@ -243,6 +249,7 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
         "labels": labels,
         "probs": probs,
         "_resident": (resident, resident_spec),
+        "_router": router,
         "_deltas": deltas,
     }
 

@@ -32,7 +32,15 @@ from supersub.hierarchy import Hierarchy
 from supersub.networks import network_hash
 from supersub.pipeline_config import PipelineConfig
 from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, run_tasks
-from supersub.tasks import DataOptions, LearnedHierarchyTask, NetworkTask, SpecialistTask, digest, folder_for
+from supersub.tasks import (
+    DataOptions,
+    LearnedHierarchyTask,
+    NetworkTask,
+    RouterTask,
+    SpecialistTask,
+    digest,
+    folder_for,
+)
 from supersub.train import amp_dtype, pick_device
 
 
@@ -202,6 +210,17 @@ def specialist_tasks(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> list[S
             for s in range(b.hierarchy.num_superclasses)]
 
 
+def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> RouterTask | None:
+    """``generalist.kind=trunk_router``: the superclass head on the vanilla network's trunk (it
+    needs only the vanilla network, so it trains beside the specialists)."""
+    if cfg.generalist.kind != "trunk_router":
+        return None
+    t = RouterTask(b.vanilla.out_dir, cfg.delta.first_stage, cfg.generalist.router_width, cfg.generalist.router_optim,
+                   b.data, "", cfg.seed, {"resident": network_hash(b.vanilla.out_dir)})
+    t.out_dir = folder_for(root, t.name, t.fingerprint())
+    return t
+
+
 # ----------------------------------------------------------------------------- the run
 def run_pipeline(
     cfg: PipelineConfig,
@@ -229,7 +248,8 @@ def run_pipeline(
     log(f"== specialists ({b.hierarchy.num_superclasses})")
     specialists = specialist_tasks(cfg, b, root)
     spec_images = sum(planned_images(t, b.hierarchy, manifest) for t in specialists)
-    tasks: list = list(specialists)
+    router = router_task(cfg, b, root)
+    tasks: list = list(specialists) + ([router] if router else [])
     if cfg.baselines.delta_all:
         tasks.append(specialist_task(cfg, None, b.data, root, b.vanilla.out_dir, b.vanilla.out_dir, train_images=spec_images))
     if cfg.baselines.vanilla_long:
@@ -243,7 +263,7 @@ def run_pipeline(
         log(f"warning: the specialists saw {actual:,} training images, {spec_images:,} were planned for the controls")
 
     log("== evaluation")
-    metrics = evaluate(cfg, out, b, specialists, tasks, log)
+    metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
     if cfg.baselines.ensemble == "auto":
         served = metrics["models"][metrics["serves"]["model"]]
         members = ensemble_size(served["flops_ratio"])
@@ -251,7 +271,7 @@ def run_pipeline(
             f"{members} member(s)")
         b.extra["ensemble"] = ensemble_members(cfg, b.first_data, root, members)
         run_tasks(runner, b.extra["ensemble"], cfg.resources, log)
-        metrics = evaluate(cfg, out, b, specialists, tasks, log)
+        metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
     metrics["wall_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(format_summary(metrics))
@@ -267,7 +287,7 @@ def run_pipeline(
 
 
 def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[SpecialistTask], tasks: list,
-             log=print) -> dict[str, Any]:
+             log=print, router: RouterTask | None = None) -> dict[str, Any]:
     """Evaluates the run's models, writes predictions.parquet and bundle/; returns the metrics."""
     device = pick_device(cfg.device)
     manifest = load_manifest(b.data.manifest_dir)
@@ -280,7 +300,7 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
         resident_dir=b.resident_dir, vanilla_dir=b.vanilla.out_dir, specialist_dirs=[t.out_dir for t in specialists],
         baseline_dirs={k: [t.out_dir for t in ts] for k, ts in b.extra.items()},
         delta_all_dir=delta_all.out_dir if delta_all else None, loader=b.data.loader, num_workers=cfg.data.num_workers,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir, router_dir=router.out_dir if router else None,
     )
     result = evaluate_run(inputs, h, manifest, device, amp_dtype(cfg.train, device), cfg.evaluation, log)
     uris = [manifest.uris[i] for i in manifest.indices(result["test_split"])]
@@ -295,7 +315,7 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
     manifest_json = write_bundle(
         out / "bundle", base=resident, base_spec=resident_spec, resident=inputs.resident, hierarchy=h,
         deltas=result["_deltas"], delta_cfg=cfg.delta, routings=result["routing"], serves=result["serves"],
-        evaluation=result["evaluation"], baselines=baselines,
+        evaluation=result["evaluation"], baselines=baselines, router=result["_router"],
         extra={"pipeline": {"name": cfg.name, "seed": cfg.seed, "test_split": result["test_split"]}},
     )
     specialist_results = [t.result() for t in specialists]

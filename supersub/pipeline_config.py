@@ -53,10 +53,24 @@ class DataConfig:
 
 @dataclass
 class GeneralistConfig:
-    kind: Literal["own", "vanilla"] = field(
+    kind: Literal["own", "vanilla", "trunk_router"] = field(
         "vanilla",
-        help="own: a superclass network (the paper); vanilla: the vanilla network, superclass = sum of its subclass probabilities",
+        help="own: a superclass network (the paper); vanilla: the vanilla network, superclass = sum of its subclass "
+        "probabilities; trunk_router: a small superclass head on the vanilla network's trunk (the stages before "
+        "delta.stages), so stage one is the trunk alone and hard routing costs about one network",
     )
+    router_width: float = field(
+        0.5, help="trunk_router: channels of the router's conv, as a fraction of the trunk's (0: a linear head on the "
+        "pooled trunk)"
+    )
+    router_optim: OptimConfig = field(
+        OptimConfig(epochs=10, batch_size=128, lr=0.1, warmup_epochs=0.0, weight_decay=5e-4),
+        help="trunk_router: training of the router head (the trunk stays frozen)",
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.router_width <= 4:
+            raise ValueError(f"generalist.router_width must be in [0, 4], got {self.router_width}")
 
 
 @dataclass
@@ -185,6 +199,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.data.loader == "ray_data" and self.resources.runner != "ray":
             raise ValueError("data.loader=ray_data needs resources.runner=ray")
+        if self.generalist.kind == "trunk_router" and self.delta.first_stage < 1:
+            raise ValueError("generalist.kind=trunk_router routes on the shared trunk: delta.stages must leave out "
+                             "the stem (e.g. delta.stages=[layer4] or [layer3,layer4])")
 
 
 def _absolute(path: str | None) -> str | None:

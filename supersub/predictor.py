@@ -43,6 +43,8 @@ class TwoStagePredictor:
 
     ``deltas`` maps superclass index → :class:`PackedDelta` (kept in host memory).
     ``resident``: ``generalist`` (its head is over superclasses) or ``vanilla`` (over subclasses).
+    ``router``: a :class:`supersub.router.TrunkRouter` on the vanilla resident's trunk — stage one
+    is then the trunk + router, not the resident's whole forward.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class TwoStagePredictor:
         amp: torch.dtype | None = None,
         cache_bytes: int = 0,
         cache_items: float = float("inf"),
+        router: nn.Module | None = None,
     ) -> None:
         missing = sorted(set(range(hierarchy.num_superclasses)) - set(deltas))
         if missing:
@@ -69,6 +72,15 @@ class TwoStagePredictor:
         self.hierarchy, self.deltas, self.resident = hierarchy, deltas, resident
         self.amp, self.cache_bytes = amp, cache_bytes
         self.first_stage = min(int(d.meta["first_stage"]) for d in deltas.values())  # earlier stages: the trunk
+        if router is not None:
+            if resident != "vanilla":
+                raise ValueError("a trunk router reads the vanilla resident's trunk; this resident is a generalist")
+            if self.first_stage < 1:
+                raise ValueError("a trunk router needs a trunk: the deltas start at the stem")
+            router = router.to(self.device).eval()
+            for p in router.parameters():
+                p.requires_grad_(False)
+        self.router = router
         # Flat views of the resident's conv weights that a delta may change, by module name.
         self._flat = {n: m.weight.data.view(-1) for n, m in self.base.named_modules()
                       if isinstance(m, nn.Conv2d) and stage_of(n) >= self.first_stage}
@@ -92,9 +104,13 @@ class TwoStagePredictor:
     @torch.no_grad()
     def stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Trunk ``[B, ...]`` (the output of the stages before the first delta stage), superclass
-        probabilities ``[B, S]`` and, for a vanilla resident, its subclass probabilities ``[B, C]``."""
+        probabilities ``[B, S]`` and, for a vanilla resident routing with its own forward, its
+        subclass probabilities ``[B, C]``. With a trunk router, stage one is the trunk and the
+        router head only: no resident tail runs, so there is no resident answer to pool with."""
         with self._lock, self._autocast():
             trunk = self.base.forward_stages(x, 0, self.first_stage)
+            if self.router is not None:
+                return trunk, torch.softmax(self.router(trunk).float(), 1), None
             logits = self.base.forward_head(self.base.forward_stages(trunk, self.first_stage, len(STAGES))).float()
         probs = torch.softmax(logits, 1)
         if self.resident == "vanilla":

@@ -15,6 +15,7 @@ from supersub.tasks.base import (
 )
 from supersub.tasks.hierarchy import LearnedHierarchyTask, class_similarity, relabel_manifest
 from supersub.tasks.network import NetworkTask
+from supersub.tasks.router import RouterTask, load_router
 from supersub.tasks.specialist import SpecialistTask, load_packed
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DataOptions",
     "LearnedHierarchyTask",
     "NetworkTask",
+    "RouterTask",
     "SpecialistTask",
     "Task",
     "TaskContext",
@@ -29,6 +31,7 @@ __all__ = [
     "digest",
     "folder_for",
     "load_packed",
+    "load_router",
     "relabel_manifest",
     "task_from_dict",
 ]

@@ -1,0 +1,80 @@
+"""Training the trunk router (``generalist.kind=trunk_router``): a small superclass head on the
+resident network's frozen trunk (see :mod:`supersub.router`). It writes ``router.safetensors``
+and ``router.json`` (its :class:`~supersub.router.RouterSpec`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from supersub.data import load_manifest
+from supersub.data.loaders import LoaderSpec
+from supersub.fit import fit, peak_lr, summary
+from supersub.networks import load_network, load_weights, save_weights
+from supersub.router import ROUTER_FILE, RoutedTrunk, RouterSpec, TrunkRouter, router_spec
+from supersub.tasks.base import DataOptions, Task, optim_identity, register
+from supersub.train import OptimConfig, seed_everything
+
+SPEC_FILE = "router.json"
+
+
+@register
+@dataclass
+class RouterTask(Task):
+    kind: ClassVar[str] = "router"
+    resources: ClassVar[str] = "specialist"  # a head's worth of training: runs beside the specialists
+
+    resident_dir: str  # the network whose trunk the router reads (frozen)
+    first_stage: int  # the trunk: stages before the first delta stage
+    width: float  # router conv channels, as a fraction of the trunk's (0: linear probe)
+    optim: OptimConfig
+    data: DataOptions
+    out_dir: str
+    seed: int = 0
+    inputs: dict[str, str | None] = field(default_factory=dict)  # sha256 of the resident's weights
+
+    @property
+    def name(self) -> str:
+        return "router" if self.seed == 0 else f"router_seed{self.seed}"
+
+    def identity(self) -> dict[str, Any]:
+        return {"first_stage": self.first_stage, "width": self.width, "optim": optim_identity(self.optim),
+                "data": self.data.identity(), "seed": self.seed, "inputs": dict(sorted(self.inputs.items()))}
+
+    def loader_specs(self) -> dict[str, LoaderSpec]:
+        bs = self.optim.batch_size
+        return {"train": LoaderSpec("train", "coarse", True, bs, seed=self.seed),
+                "val": LoaderSpec("val", "coarse", False, bs * 2, seed=self.seed)}
+
+    def run(self, ctx) -> dict[str, Any]:
+        out_dir = Path(self.out_dir)
+        t0 = time.perf_counter()
+        seed_everything(self.seed * 7919 + 7883)
+        manifest = load_manifest(self.data.manifest_dir)
+        h = manifest.hierarchy
+        base, _, _ = load_network(self.resident_dir)
+        spec = router_spec(base, self.first_stage, self.data.image_size, self.width, h.num_superclasses)
+        router = spec.build()
+        model = RoutedTrunk(base, router, self.first_stage).to(ctx.device)
+        specs = self.loader_specs()
+        train, val = self.loader(ctx, manifest, specs["train"]), self.loader(ctx, manifest, specs["val"])
+        history = fit(model, train, val, self.optim, ctx, out_dir, self.name)
+        result = {"name": self.name, "peak_lr": peak_lr(self.optim, ctx.world_size),
+                  **summary(history, time.perf_counter() - t0), "router": spec.to_dict()}
+        result["val_acc"] = history[-1]["val_acc"] if history else float("nan")  # superclass accuracy on val
+        if ctx.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_weights(router, out_dir / ROUTER_FILE)
+            (out_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+            self.write_result(result)
+        return result
+
+
+def load_router(folder: str | Path) -> tuple[TrunkRouter, RouterSpec]:
+    """A trained router (eval mode, CPU) and its spec, from a router task's folder."""
+    folder = Path(folder)
+    spec = RouterSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    return load_weights(spec.build(), folder / ROUTER_FILE), spec
