@@ -35,6 +35,7 @@ import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
@@ -47,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.deployments import Generalist, Network, Specialist, TwoStage, check_device
 from serve.images import BadInput, Limits, decode_all, preprocessor, request_images
 from serve.schemas import PREDICT_BODY, Health, Prediction, Predictions, Problem
-from supersub.bundle import Bundle
+from supersub.bundle import Bundle, verify_files
 from supersub.data.dataset import eval_draft_size
 from supersub.errors import BundleError
 from supersub.hierarchy import Hierarchy
@@ -69,6 +70,10 @@ class AppArgs(BaseModel):
         "single", description="single: the model inside the HTTP ingress replica (no handle hop); fused: one model "
         "deployment behind the ingress (scales apart from decoding); stages: Generalist → Specialist")
     device: str = Field("cpu", description="torch device of the model replicas")
+    replicas: int = Field(2, ge=1, le=64, description="replicas of each deployment of the graph (graph=single: of "
+                          "the ingress, which holds the model). 2 by default, so that one may die (crash, kill, node "
+                          "loss) while the other answers; 1 saves a replica's memory (~0.9 GB for a small model on "
+                          "CPU) and has no redundancy")
     max_body_bytes: int = Field(Limits.max_body_bytes, gt=0)
     max_pixels: int = Field(Limits.max_pixels, gt=0, description="pixels of one image (read before decoding)")
     max_request_pixels: int = Field(Limits.max_request_pixels, gt=0, description="pixels of all a request's images")
@@ -110,17 +115,27 @@ class AppArgs(BaseModel):
                       self.body_timeout_s, self.decode_timeout_s)
 
 
+def check_routing(r: Routing, num_superclasses: int, resident: str, spelled: str | None = None) -> Routing:
+    """``r`` if this bundle can run it, else a ValueError saying why: soft ``k`` is at most the
+    number of superclasses, pooling (+α) needs a vanilla resident."""
+    name = spelled or str(r)
+    if r.k > num_superclasses:
+        raise ValueError(f"routing {name}: k = {r.k} but the bundle has {num_superclasses} superclasses")
+    if r.resident_weight > 0 and resident != "vanilla":
+        raise ValueError(f"routing {name}: pooling (+α) needs a vanilla resident; this bundle's is a {resident}")
+    return r
+
+
 def resolve_routing(bundle: Bundle, spec: str | None) -> Routing:
     """The routing ``spec`` names: the bundle's served one (None), one it stores by name, or an
     explicit routing, taken exactly as written (nothing of the bundle's calibration is mixed in)."""
     if spec is None:
-        return bundle.routing()
-    if spec in bundle.routings:
-        return bundle.routings[spec]
-    r = Routing.parse(spec)
-    if r.resident_weight > 0 and bundle.resident != "vanilla":
-        raise ValueError(f"routing {spec}: pooling (+α) needs a vanilla resident; this bundle's is a {bundle.resident}")
-    return r
+        r = bundle.routing()
+    elif spec in bundle.routings:
+        r = bundle.routings[spec]
+    else:
+        r = Routing.parse(spec)
+    return check_routing(r, bundle.hierarchy.num_superclasses, bundle.resident, spec)
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -136,6 +151,16 @@ api = FastAPI(
 @api.exception_handler(BadInput)
 async def _bad_input(request: Request, exc: BadInput) -> JSONResponse:
     return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_query(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 (``top_k=0``) as every other error: ``detail`` one string, the first problem."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(x) for x in first.get("loc", ())) or "request"
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')} (got {first.get('input')!r})"},
+                        status_code=422)
 
 
 # Failures of the model replicas (dying, overloaded): the client may retry; not its fault, not a bug.
@@ -222,11 +247,10 @@ class Ingress:
                 raise BadInput(422, "this app has one network: it takes no routing")
             return self.info.get("routing")
         try:
-            r = Routing.parse(self.routings.get(asked, asked))
+            r = check_routing(Routing.parse(self.routings.get(asked, asked)), len(self.supers), self.info["resident"],
+                              asked)
         except ValueError as e:
             raise BadInput(422, f"{e}; stored routings: {', '.join(self.routings)}") from None
-        if r.resident_weight > 0 and self.info["resident"] != "vanilla":
-            raise BadInput(422, f"routing {asked}: pooling needs a vanilla resident")
         return str(r)
 
     @api.post(
@@ -305,7 +329,7 @@ def _open(args: dict[str, Any]) -> tuple[AppArgs, Bundle]:
     if a.device != "cpu":
         check_device(a.device)
     bundle = open_bundle(a.bundle)
-    bundle.load_deltas()  # every delta file read, hashed and checked against the hierarchy
+    verify_files(bundle)  # every file read, hashed and parsed: a bad one fails here, not in a replica
     return a, bundle
 
 
@@ -317,14 +341,16 @@ def app(args: dict[str, Any]) -> Application:
     except (ValueError, BundleError) as e:
         raise ValueError(f"routing={a.routing}: {e}") from None
     info = _info("two-stage", a.bundle, bundle, routing)
+    n = a.replicas
     if a.graph == "single":
         model = (TwoStage, a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     elif a.graph == "fused":
-        model = TwoStage.bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+        model = TwoStage.options(num_replicas=n).bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     else:
-        specialist = Specialist.bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
-        model = Generalist.bind(specialist, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.bind(model, info, a.limits, a.drain_file)
+        specialist = Specialist.options(num_replicas=n).bind(a.bundle, a.device, a.max_deltas, a.batch_size,
+                                                             a.batch_wait_ms)
+        model = Generalist.options(num_replicas=n).bind(specialist, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.options(num_replicas=n).bind(model, info, a.limits, a.drain_file)
 
 
 def vanilla_app(args: dict[str, Any]) -> Application:
@@ -338,5 +364,5 @@ def vanilla_app(args: dict[str, Any]) -> Application:
     if a.graph == "single":
         model = (Network, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
     else:
-        model = Network.bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.bind(model, info, a.limits, a.drain_file)
+        model = Network.options(num_replicas=a.replicas).bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.options(num_replicas=a.replicas).bind(model, info, a.limits, a.drain_file)

@@ -47,7 +47,7 @@ class Health(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: str | list = Field(description="why the request was refused")
+    detail: str = Field(description="why the request was refused, one line")
 
 
 # Request bodies /predict accepts, for the OpenAPI page (the handler reads the raw request).

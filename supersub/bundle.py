@@ -350,8 +350,8 @@ def load_bundle(path: str | Path, verify: bool = True, key: bytes | str | None =
 
 # A delta's name as write_bundle writes it: its superclass index, zero-padded.
 _DELTA_FILE = re.compile(r"deltas/[0-9]+\.safetensors")
-# Manifest fields that name one optional network file each (``{"file": ..., **NetworkSpec}``),
-# beside ``base``: ``router`` (issue 18: a trunk + superclass head for stage one).
+# Manifest fields that name one network file each (``{"file": ..., **spec}``) beside ``base``:
+# ``router`` (optional: a trunk + superclass head for stage one).
 OPTIONAL_NETWORK_FIELDS = ("router",)
 
 
@@ -375,19 +375,11 @@ def file_roles(manifest: dict[str, Any]) -> dict[str, str]:
 
 def verify_files(bundle: Bundle) -> None:
     """The pre-flight check: reads every file the bundle will load — base, deltas, baselines and
-    any optional network (``router``) — checks each against its sha256 and parses it (safetensors,
+    the router when there is one — checks each against its sha256 and parses it (safetensors,
     shapes against the manifest's spec, each delta against the hierarchy). Raises one
     :class:`BundleError` line naming the file; costs a load of each network (no forward)."""
     bundle.load_base()
     bundle.load_deltas()
     for name in bundle.baseline_names:
         bundle.load_baseline(name)
-    for field in OPTIONAL_NETWORK_FIELDS:  # hashed and parsed; its shapes are its loader's to check
-        entry = bundle.manifest.get(field)
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-            try:
-                st_load(bundle.read(entry["file"]))
-            except BundleError:
-                raise
-            except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
-                raise BundleError(f"bundle file {entry['file']} is not a safetensors file ({type(e).__name__})") from None
+    bundle.load_router()

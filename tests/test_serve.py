@@ -66,9 +66,12 @@ def server(ray_session, bundles: dict[str, Path]) -> Iterator[str]:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     b = str(bundles["vanilla"])
-    serve.run(app({"bundle": b, "drain_file": DRAIN_FILE, **LIMITS}), name="two", route_prefix="/two")
+    # One replica where the tests need no redundancy (each costs memory and start-up here); the
+    # per-stage graph keeps the default two of each, which the replica-kill tests need.
+    serve.run(app({"bundle": b, "drain_file": DRAIN_FILE, "replicas": 1, **LIMITS}), name="two", route_prefix="/two")
     serve.run(app({"bundle": b, "graph": "stages", **LIMITS}), name="stages", route_prefix="/stages")
-    serve.run(vanilla_app({"bundle": str(bundles["generalist"]), **LIMITS}), name="vanilla", route_prefix="/vanilla")
+    serve.run(vanilla_app({"bundle": str(bundles["generalist"]), "replicas": 1, **LIMITS}), name="vanilla",
+              route_prefix="/vanilla")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -116,6 +119,8 @@ def test_routing_is_resolved_as_written(bundles: dict[str, Path]) -> None:
     ({"routing": "soft:2@1.5"}, "threshold"),
     ({"routing": "soft:2+inf"}, "routing"),
     ({"routing": "soft:2+nan"}, "routing"),
+    ({"routing": "soft:99"}, "k = 99 but the bundle has 3 superclasses"),  # (21.5)
+    ({"replicas": 0}, "replicas"),
     ({"batch_wait_ms": float("inf")}, "batch_wait_ms"),
     ({"batch_wait_ms": float("nan")}, "batch_wait_ms"),
     ({"body_timeout_s": 0}, "body_timeout_s"),
@@ -161,10 +166,86 @@ def test_bundles_that_cannot_work_are_refused_at_build(bundles: dict[str, Path],
 
     for change, message in ((outside, "'../outside/base.safetensors' points outside the bundle"),
                             (bogus_resident, "resident"), (junk_delta, "not a safetensors file"),
-                            (missing_superclass, "the hierarchy needs")):
+                            (missing_superclass, "the hierarchy needs"),
+                            *((c, m) for c, m, _ in BAD_BUNDLES)):
         with pytest.raises(BundleError, match=message) as e:
             app({"bundle": broken(change)})
         assert len(str(e.value).splitlines()) == 1
+
+
+def _flip_base_byte(m: dict, path: Path) -> None:
+    data = bytearray((path / "base.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight's byte: still valid safetensors, only the hash tells
+    (path / "base.safetensors").write_bytes(bytes(data))
+
+
+def _edit_base_hash(m: dict, path: Path) -> None:
+    m["files"]["base.safetensors"]["sha256"] = "0" * 64
+
+
+def _pickle_base(m: dict, path: Path) -> None:
+    import hashlib
+    import pickle
+
+    data = pickle.dumps({"conv1.weight": [0.0]})  # hash updated too: the format check must refuse it
+    (path / "base.safetensors").write_bytes(data)
+    m["files"]["base.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _listed_unknown_file(m: dict, path: Path) -> None:
+    import hashlib
+    import pickle
+
+    data = pickle.dumps("never read")
+    (path / "evil.pkl").write_bytes(data)
+    m["files"]["evil.pkl"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+# (21.2) Bundles that only a read of every file finds: refused before Ray starts, one line, exit 2.
+BAD_BUNDLES = [
+    (_flip_base_byte, "base.safetensors was changed: its sha256 does not match", "base flipped"),
+    (_edit_base_hash, "base.safetensors was changed: its sha256 does not match", "base hash edited"),
+    (_pickle_base, "base.safetensors is not a safetensors file", "pickle base"),
+    (_listed_unknown_file, "lists evil.pkl, which no field of the format names", "listed unknown file"),
+]
+
+
+def _launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a `python -m serve` under test: a short private RAY_TMPDIR (Ray's socket
+    paths must stay under ~107 characters), token auth off, no cluster address inherited."""
+    import os
+
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sslaunch-", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
+           **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_launcher_refuses_bad_bundles_before_ray_starts(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """(21.2) `python -m serve` on each bad bundle: exit 2, one line naming the fault, and Ray never
+    started (nothing in its temp dir) — where a flipped base byte used to fail inside Ray after
+    85–130 s with a 33-line traceback. The launchers run side by side (each imports torch and Ray)."""
+    import shutil
+    import subprocess
+    import sys
+
+    procs = []
+    for change, message, name in BAD_BUNDLES:
+        path = tmp_path / name.replace(" ", "-")
+        shutil.copytree(bundles["vanilla"], path)
+        m = json.loads((path / "manifest.json").read_text())
+        change(m, path)
+        (path / "manifest.json").write_text(json.dumps(m))
+        env = _launcher_env()
+        procs.append((name, message, env["RAY_TMPDIR"], subprocess.Popen(
+            [sys.executable, "-m", "serve", f"bundle={path}", "--port", str(_free_port())],
+            cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for name, message, ray_tmp, proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 2, (name, out, err)
+        assert out == "" and len(err.strip().splitlines()) == 1 and message in err, (name, err)
+        assert err.startswith("python -m serve: error: bundle"), (name, err)
+        assert not list(Path(ray_tmp).iterdir()), (name, "Ray started")
 
 
 def test_config_yaml_builds(bundles: dict[str, Path]) -> None:
@@ -360,6 +441,8 @@ BAD = {
     "top_k zero": (422, {"params": {"top_k": 0}, "content": JPG, "headers": {"content-type": "image/jpeg"}}),
     "unknown query parameter": (422, {"params": {"k": 3}, "content": JPG, "headers": {"content-type": "image/jpeg"}}),
     "bad routing": (422, {"params": {"routing": "soft:2@7"}, "content": JPG, "headers": {"content-type": "image/jpeg"}}),
+    "routing k over the superclasses": (422, {"params": {"routing": "soft:99"}, "content": JPG,  # (21.5)
+                                              "headers": {"content-type": "image/jpeg"}}),
 }
 
 
@@ -372,6 +455,11 @@ def test_bad_input_is_4xx_json_with_reason(client: httpx.Client, case: str) -> N
     else:
         assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json") and r.json()["detail"], r.text
+    assert isinstance(r.json()["detail"], str), r.text  # (21.5) one string, pydantic's 422 too
+    if case == "top_k zero":
+        assert r.json()["detail"].startswith("query.top_k: "), r.text
+    if case == "routing k over the superclasses":
+        assert "k = 99 but the bundle has 3 superclasses" in r.json()["detail"], r.text
     if case == "one bad image in a batch":
         assert "image 1" in r.json()["detail"]
 
