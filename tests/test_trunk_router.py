@@ -1,0 +1,145 @@
+"""The trunk router (generalist.kind=trunk_router): stage one on the vanilla network's trunk, only
+the routed specialist's tail in stage two — its arithmetic, its cost, its training (trunk frozen),
+and the pipeline → bundle → `supersub evaluate` round trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_pipeline import quiet, tiny
+from test_predictor import make_hierarchy, make_predictor
+
+from supersub.bundle import load_bundle, write_bundle
+from supersub.config import ConfigError, load_config
+from supersub.cost import network_flops, two_stage_flops
+from supersub.delta import DeltaConfig
+from supersub.errors import BundleError
+from supersub.models import STAGES, ModelConfig
+from supersub.networks import NetworkSpec
+from supersub.pipeline import run_pipeline
+from supersub.pipeline_config import PipelineConfig
+from supersub.predictor import TwoStagePredictor
+from supersub.router import RoutedTrunk, router_spec
+from supersub.routing import Routing
+
+
+def routed_predictor(stages=("layer4",), width=0.5, seed=0):
+    h = make_hierarchy()
+    _, base, deltas = make_predictor(h, stages=stages, seed=seed)
+    first = STAGES.index(stages[0])
+    spec = router_spec(base, first, 32, width, h.num_superclasses)
+    torch.manual_seed(seed + 1)
+    router = spec.build().eval()
+    return TwoStagePredictor(copy.deepcopy(base), h, deltas, "vanilla", router=router), base, deltas, router, spec
+
+
+def test_stage_one_is_the_trunk_and_the_router_only():
+    pred, base, _, router, _ = routed_predictor()
+    x = torch.randn(5, 3, 32, 32)
+    trunk, sup, fine = pred.stage1(x)
+    with torch.no_grad():
+        want_trunk = base.forward_stages(x, 0, pred.first_stage)
+        want_sup = torch.softmax(router(want_trunk), 1)
+    assert torch.equal(trunk, want_trunk) and torch.allclose(sup, want_sup)
+    assert fine is None  # no resident tail ran: nothing to pool with
+    # hard routing: each image's answer is its top superclass's specialist on the same trunk
+    p, _ = pred.predict(x, Routing("hard"))
+    top = sup.argmax(1)
+    for i in range(5):
+        s = int(top[i])
+        spec = pred.specialist(s, trunk[i : i + 1])[0]
+        members = pred.hierarchy.coarse_to_fine[s]
+        inside = spec[: len(members)] / spec[: len(members)].sum()
+        assert torch.allclose(p[i, members], inside, atol=1e-6)
+        assert p[i].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hard_routing_costs_about_one_network():
+    pred, base, _, _, _ = routed_predictor(stages=("layer4",))
+    stage1, one_pass = two_stage_flops(pred, 32)
+    net = network_flops(base, 32)
+    assert stage1 < net  # the vanilla tail is not run in stage one
+    assert (stage1 + one_pass) / net <= 1.05
+    vanilla_resident = TwoStagePredictor(copy.deepcopy(base), pred.hierarchy, pred.deltas, "vanilla")
+    s1, p1 = two_stage_flops(vanilla_resident, 32)
+    assert (s1 + p1) / net > 1.15  # the old stage one: a whole forward, then the tail again
+
+
+def test_a_router_needs_a_trunk_and_a_vanilla_resident():
+    h = make_hierarchy()
+    _, base, deltas = make_predictor(h, stages=tuple(STAGES))
+    with pytest.raises(ValueError, match="stem"):
+        router_spec(base, 0, 32, 0.5, h.num_superclasses)
+    _, gbase, gdeltas = make_predictor(h, resident="generalist", stages=("layer4",))
+    router = router_spec(gbase, 4, 32, 0.5, h.num_superclasses).build()
+    with pytest.raises(ValueError, match="generalist"):
+        TwoStagePredictor(gbase, h, gdeltas, "generalist", router=router)
+    with pytest.raises(ValueError, match="stem"):
+        load_config(PipelineConfig, "jobs/configs/default.yaml", ["generalist.kind=trunk_router"])
+    with pytest.raises(ConfigError):
+        load_config(PipelineConfig, "jobs/configs/default.yaml", ["generalist.kind=trunk_router", "delta.stages=[layer4]",
+                                                                  "generalist.router_width=-1"])
+
+
+def test_training_the_router_leaves_the_trunk_untouched():
+    _, base, _, _, spec = routed_predictor()
+    router = spec.build()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = RoutedTrunk(base, router, 4).train()
+    assert not base.training and router.training
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 3, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
+    assert any(p.grad is not None for p in router.parameters())
+
+
+def test_bundle_round_trip_and_a_router_that_does_not_fit_is_refused(tmp_path):
+    pred, base, deltas, router, spec = routed_predictor()
+    h = pred.hierarchy
+    write_bundle(
+        tmp_path / "b", base=base, base_spec=NetworkSpec(ModelConfig(backbone="resnet10", width=0.25), h.num_subclasses, 32),
+        resident="vanilla", hierarchy=h, deltas=deltas, delta_cfg=DeltaConfig(keep=0.2, bits=4, stages=["layer4"]),
+        routings={"hard": "hard", "soft": "soft:2@0.9"}, serves={"model": "two_stage_hard", "routing": "hard"},
+        router=(router, spec),
+    )
+    b = load_bundle(tmp_path / "b")
+    x = torch.randn(6, 3, 32, 32)
+    for r in (Routing("hard"), Routing("soft", 2, 0.9)):
+        assert torch.equal(b.predictor().predict(x, r)[0], pred.predict(x, r)[0])
+    assert "router.safetensors" in b.manifest["files"]
+    m = json.loads((tmp_path / "b/manifest.json").read_text())
+    m["router"]["num_superclasses"] = 5
+    (tmp_path / "b/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="router"):
+        load_bundle(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_pipeline_trains_the_router_and_evaluate_reproduces_it(tmp_path, capsys):
+    from supersub.cli import main
+
+    cfg = tiny("generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_optim.epochs=2",
+               "generalist.router_optim.batch_size=32", "baselines.vanilla_long=false", "baselines.delta_all=false")
+    metrics = run_pipeline(cfg, tmp_path, log=quiet)
+    models = metrics["models"]
+    assert "two_stage_hard_pooled" not in models and "two_stage_soft_pooled" not in models  # nothing to pool with
+    assert models["two_stage_hard"]["flops_ratio"] <= 1.05
+    router_dir = metrics["tasks"]["router"]
+    router_images = json.loads((tmp_path / router_dir / "metrics.json").read_text())["train_images"]
+    assert router_images > 0
+    assert models["two_stage_hard"]["train_images"] == (models["vanilla"]["train_images"] + router_images
+                                                         + sum(s["train_images"] for s in metrics["specialists"]))
+    b = load_bundle(tmp_path / "bundle")
+    assert b.router_spec is not None and b.router_spec.first_stage == 4
+    capsys.readouterr()
+    assert main(["evaluate", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("vanilla", "two_stage_hard", "two_stage_soft", "two_stage_oracle", "stage1"):
+        assert result["models"][name].get("top1") == models[name].get("top1"), name
+        assert result["models"][name]["superclass_acc"] == models[name]["superclass_acc"], name
