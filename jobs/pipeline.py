@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overrides-from", metavar="YAML", help="overrides from a file, e.g. DIR/tune/best.yaml; "
                    "command-line key=value pairs still win")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress lines too (the logs keep them anyway)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. delta.bits=4")
     return p
 
@@ -77,21 +78,33 @@ def load(args: argparse.Namespace) -> PipelineConfig:
     return absolute_paths(load_config(PipelineConfig, args.config, overrides))
 
 
-def init_ray(log=print, dashboard: bool = True) -> bool:
-    """Joins ``RAY_ADDRESS`` / a ``ray start`` cluster, else starts a local Ray. Returns whether
-    this process started (and so must stop) Ray."""
+def init_ray(log=print, dashboard: bool = True, verbose: bool = False) -> bool:
+    """Joins ``RAY_ADDRESS`` / a ``ray start`` cluster, else starts a local Ray, with the cluster's
+    address pinned for this process and its workers (:func:`jobs.cli.start_or_join_ray`) and a
+    quiet console unless ``verbose`` (:mod:`jobs.console`). Returns whether this process connected
+    (and so must call ``ray.shutdown()``)."""
+    import logging
+
     import ray
 
+    from jobs.cli import start_or_join_ray
+    from jobs.console import quiet_driver, set_verbose
+
+    env = set_verbose(verbose)
     if ray.is_initialized():
+        start_or_join_ray(log)  # pins RAY_ADDRESS for this process
         return False
-    # ray.init() itself joins RAY_ADDRESS or the cluster recorded by `ray start`, else starts one.
     # Workers' lines (each task's per-epoch progress) reach this console through Ray's own log
     # forwarding. With the dashboard: without its State API, Ray 2.60's Train runs print a
     # "State API may be temporarily unavailable" line every few seconds (and Tune needs it).
-    ray.init(include_dashboard=dashboard, log_to_driver=True)
+    started, address = start_or_join_ray(log, runtime_env={"env_vars": env}, include_dashboard=dashboard,
+                                         log_to_driver=True,
+                                         logging_level=logging.INFO if verbose else logging.WARNING)
+    quiet_driver()
     res = ray.cluster_resources()
-    log(f"ray: {len([n for n in ray.nodes() if n['Alive']])} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
-    return True
+    log(f"ray: {'started' if started else 'joined'} {address}: {len([n for n in ray.nodes() if n['Alive']])} node(s), "
+        f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+    return True  # connected here: ray.shutdown() stops a local Ray, or leaves a joined cluster
 
 
 def make_tracker(cfg: PipelineConfig, out: Path, job: str = "pipeline"):
@@ -112,11 +125,11 @@ def make_runner(cfg: PipelineConfig, out: Path, tracker, log=print):
     return RayRunner(cfg.resources, out, data_loader=cfg.data.loader, log=log, tracker=tracker)
 
 
-def run(cfg: PipelineConfig, out: Path, log=print) -> dict[str, Any]:
+def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dict[str, Any]:
     """The job: runner and tracker around :func:`run_pipeline`."""
     out = Path(out).absolute()
     check_inputs(cfg, out)
-    started = init_ray(log) if cfg.resources.runner == "ray" else False
+    started = init_ray(log, verbose=verbose) if cfg.resources.runner == "ray" else False
     try:
         tracker = make_tracker(cfg, out)
         runner = make_runner(cfg, out, tracker, log)
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(ConfigError("--out is required"), "jobs.pipeline")
     try:
         cfg = load(args)
-        run(cfg, Path(args.out), log=lambda s: print(s, flush=True))
+        run(cfg, Path(args.out), log=lambda s: print(s, flush=True), verbose=args.verbose)
     except TaskFailed as e:
         print(str(e), file=sys.stderr)
         print(f"jobs.pipeline: error: {e.first_line}", file=sys.stderr)

@@ -66,7 +66,14 @@ def start_session_ray() -> bool:
     if ray.is_initialized():
         return False
     ray_env()
-    ray.init(num_cpus=2, include_dashboard=True, object_store_memory=500_000_000, log_to_driver=False)
+    from jobs.cli import start_or_join_ray
+    from jobs.console import set_verbose
+
+    # As the jobs do: the address pinned for this process and its workers (a test may start a
+    # second Ray on this host), RAY_ADDRESS and a bootstrap file of someone else's `ray start` ignored.
+    os.environ.pop("RAY_ADDRESS", None)
+    start_or_join_ray(runtime_env={"env_vars": set_verbose(False)}, num_cpus=2, include_dashboard=True,
+                      object_store_memory=500_000_000, log_to_driver=False)
     return True
 
 

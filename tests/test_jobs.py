@@ -315,7 +315,7 @@ def test_ray_job_submit_to_a_started_cluster(tiny: dict, tmp_path: Path) -> None
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
-        assert "ray: 1 node(s), 2 CPU" in submit.stdout  # joined the started cluster
+        assert "ray: joined" in submit.stdout and "1 node(s), 2 CPU" in submit.stdout  # the started cluster
         assert "succeeded" in submit.stdout + submit.stderr
         assert (out / "metrics.json").is_file() and (out / "bundle" / "manifest.json").is_file()
     finally:
