@@ -164,9 +164,12 @@ class MlflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # Ctrl-C / SIGTERM (KeyboardInterrupt, supersub.runner.Interrupted): KILLED, not FAILED.
+        killed = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         if exc_type is not None:
-            self.client.set_tag(self.run_id, "supersub.failure", f"{exc_type.__name__}: {exc}"[:5000])
-        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+            tag = "supersub.interrupted" if killed else "supersub.failure"
+            self.client.set_tag(self.run_id, tag, f"{exc_type.__name__}: {exc}"[:5000])
+        self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED" if exc_type else "FINISHED")
 
     # ------------------------------------------------------------------ Tracker protocol
     def task_logger(self, task) -> MlflowTaskLogger:
