@@ -78,6 +78,54 @@ def build_transforms(image_size: int, train: bool) -> Any:
     return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class TensorTrainTransform:
+    """The training augmentation of :func:`build_transforms` on uint8 tensors: ``[3, H, W]`` →
+    ``[3, S, S]`` uint8, not normalised (the loader normalises whole batches on the device).
+
+    ``> 64`` px: the crop is drawn by ``RandomResizedCrop.get_params`` on the full geometry (the
+    same function, scale and ratio ranges and global RNG as the PIL path), then cropped and
+    resized (bilinear, antialiased) by ``transforms.v2`` on uint8 pixels, and flipped with
+    probability ½. ``<= 64`` px: fit, padded random crop, flip, as for PIL images. Why: on a
+    full-size ImageNet JPEG this and the JPEG fast path take ~0.6 the CPU time of PIL's decode +
+    crop + float conversion (``benchmarks/data_throughput.py``), and a uint8 batch is a quarter of
+    the bytes a DataLoader worker hands over.
+    """
+
+    scale = (0.08, 1.0)
+    ratio = (3.0 / 4.0, 4.0 / 3.0)
+
+    def __init__(self, image_size: int) -> None:
+        if image_size < 8:
+            raise DataError(f"image_size must be at least 8 pixels, got {image_size}")
+        self.size = image_size
+        self._small = None
+        if image_size <= SMALL_IMAGE:
+            from torchvision.transforms import v2
+
+            s = image_size
+            self._small = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s),
+                                      v2.RandomCrop(s, padding=max(1, s // 8)), v2.RandomHorizontalFlip()])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._small is not None:
+            return self._small(x)
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as F2
+
+        top, left, h, w = RandomResizedCrop.get_params(x, list(self.scale), list(self.ratio))
+        x = F2.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        if torch.rand(1) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def normalise_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` (any device) → float32, normalised by the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
 def _targets(manifest: Manifest, rows: np.ndarray, target: Target) -> np.ndarray:
     fine = manifest.subclass[rows].astype(np.int64)
     coarse = manifest.superclass[rows].astype(np.int64)
@@ -102,6 +150,10 @@ class ManifestDataset(Dataset):
         superclasses: keep only images of these superclass indices (one specialist's data).
         draft_size: decode JPEGs at reduced scale, at least this many pixels a side (speed for
             large photos and small models; leave ``None`` for random-resized-crop training).
+        decoder: ``pil`` (``transform`` takes an RGB PIL image) or ``tensor`` (``transform``
+            takes uint8 ``[3, H, W]`` from :func:`supersub.data.images.decode_tensor`: clean
+            JPEGs by torchvision's decoder, the rest by PIL with the same conversions; e.g.
+            :class:`TensorTrainTransform`). ``draft_size`` applies to ``pil`` only.
     """
 
     def __init__(
@@ -112,6 +164,7 @@ class ManifestDataset(Dataset):
         target: Target = "fine",
         superclasses: Sequence[int] | None = None,
         draft_size: int | None = None,
+        decoder: Literal["pil", "tensor"] = "pil",
     ) -> None:
         if not isinstance(manifest, Manifest):
             manifest = load_manifest(manifest)
@@ -125,7 +178,9 @@ class ManifestDataset(Dataset):
                 raise DataError(f"superclass index(es) {bad} out of range 0..{manifest.hierarchy.num_superclasses - 1}")
             rows = rows[np.isin(manifest.superclass[rows], wanted)]
         self.hierarchy = manifest.hierarchy
-        self.split, self.target_kind, self.draft_size = split, target, draft_size
+        if decoder not in ("pil", "tensor"):
+            raise DataError(f"decoder must be 'pil' or 'tensor', got {decoder!r}")
+        self.split, self.target_kind, self.draft_size, self.decoder = split, target, draft_size, decoder
         self.uris = [manifest.uris[i] for i in rows]
         self.targets = _targets(manifest, rows, target)
         self.fine = manifest.subclass[rows].astype(np.int64)
@@ -151,6 +206,8 @@ class ManifestDataset(Dataset):
         return max(len(s.subclasses) for s in h.superclasses)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.decoder == "tensor":
+            return self.transform(self.store.read_tensor(self.uris[i])), int(self.targets[i])
         img = self.store.read(self.uris[i], draft_size=self.draft_size)
         return self.transform(img), int(self.targets[i])
 

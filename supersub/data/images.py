@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -98,12 +99,21 @@ def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int
             both sides: much faster for small targets (e.g. a 500 px photo read for a 64 px
             model). The whole entropy-coded stream is still read, so truncation is still found.
 
+    Clean RGB JPEGs that the draft would not reduce are decoded by torchvision's decoder (the
+    JPEG fast path below: the same pixels, sooner); everything else by PIL.
+
     Returns:
         :class:`Decoded` with ``image`` in mode RGB (or ``None``) and the events in
         :data:`EVENTS` that happened (empty tuple for a clean RGB image).
     """
     if not data:
         return Decoded(None, (SKIPPED_EMPTY,))
+    size = fast_jpeg_size(data, name)
+    if size is not None and not (draft_size and min(size[0] // draft_size, size[1] // draft_size) >= 2):
+        # A clean JPEG that PIL's draft would not reduce: the same pixels, ~20 % sooner.
+        tensor = _decode_jpeg_tensor(data)
+        if tensor is not None:
+            return Decoded(tensor_to_pil(tensor), ())
     events: list[str] = []
     try:
         img = Image.open(io.BytesIO(data))
@@ -135,6 +145,114 @@ def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int
         except Exception:  # noqa: BLE001
             return Decoded(None, (*events, SKIPPED_UNREADABLE))
     return Decoded(img, tuple(events))
+
+
+# ------------------------------------------------------------------ the JPEG fast path
+# torchvision's decoder (libjpeg-turbo, like Pillow's) takes ~20 % less time than PIL's for the same
+# pixels (bit for bit equal on the 197 RGB images of ../shared/data/imagenet-sample-200), and gives
+# a uint8 tensor the tensor transforms work on directly. It is used only for what it decodes exactly
+# as PIL would and where no bad-data event can happen: baseline/progressive 8-bit 3-component JPEG
+# bytes under a JPEG name (or none), ending in an EOI marker, within PIL's pixel limit. Everything
+# else — grayscale, CMYK, PNG inside .JPEG, 12-bit, truncated, trailing bytes — takes the PIL path
+# above with its accounting, and so does anything torchvision's decoder refuses.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_NAMES = frozenset({"", ".jpg", ".jpeg"})
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(width, height, components, bits)`` from a JPEG's frame header, or ``None`` when the bytes
+    are not a JPEG whose header can be read. Walks the marker segments only (microseconds)."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # segments without a length
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF_MARKERS:
+            if i + 10 > n or length < 8:
+                return None
+            bits, height = data[i + 4], (data[i + 5] << 8) | data[i + 6]
+            width, comps = (data[i + 7] << 8) | data[i + 8], data[i + 9]
+            return width, height, comps, bits
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def fast_jpeg_size(data: bytes | None, name: str | None = None) -> tuple[int, int] | None:
+    """``(width, height)`` when ``data`` can take the JPEG fast path (see above), else ``None``."""
+    ext = _extension(name)
+    if not data or (ext in _EXTENSION_FORMATS and ext not in _JPEG_NAMES):  # PIL flags the mismatch
+        return None
+    header = jpeg_header(data)
+    if header is None:
+        return None
+    w, h, comps, bits = header
+    if comps != 3 or bits != 8 or w == 0 or h == 0 or w * h > (Image.MAX_IMAGE_PIXELS or 2**62):
+        return None
+    if data[-2:] != b"\xff\xd9":  # truncated (or trailing bytes): PIL decides what it is
+        return None
+    return w, h
+
+
+def _decode_jpeg_tensor(data: bytes):
+    """torchvision's JPEG decode → uint8 ``[3, H, W]``, or ``None`` when it refuses the bytes."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        # bytearray: a writable copy (torch warns about read-only buffers); decode_jpeg reads it only.
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class DecodedTensor:
+    """Result of :func:`decode_tensor`: uint8 ``[3, H, W]`` (or ``None`` when skipped), the events,
+    and whether the JPEG fast path decoded it."""
+
+    tensor: Any
+    events: tuple[str, ...]
+    fast: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.tensor is not None
+
+
+def decode_tensor(data: bytes | None, name: str | None = None) -> DecodedTensor:
+    """Encoded bytes → RGB uint8 tensor ``[3, H, W]`` at full size: clean JPEGs by torchvision's
+    decoder, everything else by :func:`decode_image` (same conversions, skips and events)."""
+    if fast_jpeg_size(data, name) is not None:
+        tensor = _decode_jpeg_tensor(data)  # type: ignore[arg-type]
+        if tensor is not None:
+            return DecodedTensor(tensor, (), True)
+    decoded = decode_image(data, name)
+    if decoded.image is None:
+        return DecodedTensor(None, decoded.events)
+    return DecodedTensor(pil_to_uint8(decoded.image), decoded.events)
+
+
+def pil_to_uint8(img: Image.Image):
+    """An RGB PIL image → uint8 tensor ``[3, H, W]`` (a view of one HWC copy, as the decoder's)."""
+    import torch
+
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def tensor_to_pil(tensor) -> Image.Image:
+    """uint8 ``[3, H, W]`` → an RGB PIL image."""
+    return Image.fromarray(tensor.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

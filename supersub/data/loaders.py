@@ -31,9 +31,11 @@ from supersub.data.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ManifestDataset,
+    TensorTrainTransform,
     build_transforms,
     decode_split,
     eval_draft_size,
+    normalise_uint8,
 )
 
 
@@ -162,15 +164,27 @@ class _Rows(torch.utils.data.Dataset):
 
 
 class DatasetLoader:
-    """A DataLoader over the manifest's images, rebuilt per epoch (negatives are resampled)."""
+    """A DataLoader over the manifest's images, rebuilt per epoch (negatives are resampled).
 
-    def __init__(self, manifest, spec: LoaderSpec, n_sub: int, image_size: int, num_workers: int, rank=0, world_size=1):
+    Training batches are decoded and augmented as uint8 tensors in the workers
+    (:class:`TensorTrainTransform`: a quarter of the bytes to hand over, and the JPEG fast path)
+    and normalised here, on ``device``; evaluation batches keep the one evaluation geometry
+    (:func:`supersub.data.dataset.eval_geometry`, shared with ``decode_split`` and serving).
+    """
+
+    def __init__(self, manifest, spec: LoaderSpec, n_sub: int, image_size: int, num_workers: int, rank=0, world_size=1,
+                 device: torch.device | None = None):
         self.spec, self.n_sub, self.num_workers = spec, n_sub, num_workers
         self.rank, self.world, self.epoch = rank, world_size, 0
-        draft = None if spec.train else eval_draft_size(image_size)  # decode as decode_split and serving do
-        self.dataset = ManifestDataset(
-            manifest, spec.split, build_transforms(image_size, spec.train), target="fine", draft_size=draft
-        )
+        self.device = device
+        if spec.train:
+            self.dataset = ManifestDataset(manifest, spec.split, TensorTrainTransform(image_size), target="fine",
+                                           decoder="tensor")
+        else:
+            draft = eval_draft_size(image_size)  # decode as decode_split and serving do
+            self.dataset = ManifestDataset(
+                manifest, spec.split, build_transforms(image_size, False), target="fine", draft_size=draft
+            )
         self.fine, self.coarse = self.dataset.fine, self.dataset.coarse
 
     def set_epoch(self, epoch: int) -> None:
@@ -202,7 +216,12 @@ class DatasetLoader:
         return len(self._loader())
 
     def __iter__(self):
-        return iter(self._loader())
+        for x, y in self._loader():
+            if x.dtype == torch.uint8:
+                if self.device is not None:
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x = normalise_uint8(x)
+            yield x, y
 
 
 # Decoded splits, shared by the tasks of one process (a study's specialists read the same split);
@@ -239,4 +258,4 @@ def make_loader(
     if mode == "tensors" or (mode == "auto" and image_size <= 64):
         images, fine, coarse = split_tensors(manifest, spec.split, image_size, device, num_workers, cache_dir)
         return TensorLoader(images, fine, coarse, spec, n_sub, device, rank, world_size)
-    return DatasetLoader(manifest, spec, n_sub, image_size, num_workers, rank, world_size)
+    return DatasetLoader(manifest, spec, n_sub, image_size, num_workers, rank, world_size, device=device)

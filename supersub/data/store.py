@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from supersub.cache import LRU
-from supersub.data.images import Decoded, decode_image
+from supersub.data.images import Decoded, DecodedTensor, decode_image, decode_tensor, pil_to_uint8
 from supersub.errors import DataError
 
 # Per-worker memory for decoded Parquet row groups (encoded bytes, not pixels).
@@ -53,6 +53,18 @@ class ImageStore:
         if decoded.image is None:
             raise DataError(f"image {uri}: {decoded.events[-1].replace('_', ' ')} (build with verify to skip bad images)")
         return decoded.image
+
+    def decode_tensor(self, uri: str) -> DecodedTensor:
+        data, name = self.read_bytes(uri)
+        return decode_tensor(data, name)
+
+    def read_tensor(self, uri: str):
+        """The image at ``uri`` as uint8 ``[3, H, W]`` (clean JPEGs by torchvision's decoder);
+        a :class:`DataError` names the uri when it is bad."""
+        decoded = self.decode_tensor(uri)
+        if decoded.tensor is None:
+            raise DataError(f"image {uri}: {decoded.events[-1].replace('_', ' ')} (build with verify to skip bad images)")
+        return decoded.tensor
 
 
 class FolderStore(ImageStore):
@@ -184,6 +196,9 @@ class Cifar100Store(ImageStore):
     def decode(self, uri: str, draft_size: int | None = None) -> Decoded:
         return Decoded(Image.fromarray(self._array(uri), "RGB"), ())
 
+    def decode_tensor(self, uri: str) -> DecodedTensor:
+        return DecodedTensor(pil_to_uint8(self.decode(uri).image), ())  # type: ignore[arg-type]
+
 
 class SyntheticStore(ImageStore):
     kind = "synthetic"
@@ -205,6 +220,11 @@ class SyntheticStore(ImageStore):
 
     def decode(self, uri: str, draft_size: int | None = None) -> Decoded:
         return Decoded(Image.fromarray(self.render([uri])[0], "RGB"), ())
+
+    def decode_tensor(self, uri: str) -> DecodedTensor:
+        import torch
+
+        return DecodedTensor(torch.from_numpy(self.render([uri])[0]).permute(2, 0, 1), ())
 
 
 _SHARED: dict[str, ImageStore] = {}
