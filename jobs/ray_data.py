@@ -3,9 +3,10 @@ in parallel Ray tasks, streamed to each Train worker through ``get_dataset_shard
 
 * Driver (:func:`build_datasets`): one dataset per split a stage reads — rows of the manifest
   (``row``: index within the split, ``uri``) in blocks, then ``map_batches`` decodes each block
-  through the core's image store and applies the core's transforms up to the tensor conversion
-  (:func:`supersub.data.build_transforms`: the same resize/crop/flip as the ``dataset`` loader),
-  giving uint8 ``[B, S, S, 3]``. The datasets go to the ``TorchTrainer``, which splits them
+  through the core's image store and applies the core's transforms before normalisation (the
+  ``dataset`` loader's: :class:`supersub.data.dataset.TensorTrainTransform` on uint8 tensors for
+  training, :func:`supersub.data.build_transforms`' evaluation geometry otherwise), giving uint8
+  ``[B, S, S, 3]``. The datasets go to the ``TorchTrainer``, which splits them
   among its workers. Blocks keep manifest order (a Parquet source is read row group by row
   group); training order comes from block-order randomisation and a local shuffle buffer.
 * Worker (:class:`RayDataLoader`): yields ``(x float [B, 3, S, S] normalised, y [B])`` on the
@@ -50,20 +51,30 @@ def needed_rows(fine: np.ndarray, coarse: np.ndarray, spec: LoaderSpec, n_sub: i
 
 
 def decode_batch(batch: dict[str, np.ndarray], meta: dict[str, Any], size: int, train: bool) -> dict[str, np.ndarray]:
-    """``{"row", "uri"}`` → ``{"row", "image": uint8 [B, S, S, 3]}`` (runs in Ray Data tasks)."""
+    """``{"row", "uri"}`` → ``{"row", "image": uint8 [B, S, S, 3]}`` (runs in Ray Data tasks).
+
+    Training images take the core's uint8 tensor path (clean JPEGs by torchvision's decoder, the
+    rest by PIL; :class:`supersub.data.dataset.TensorTrainTransform`), evaluation images the one
+    evaluation geometry, as in the ``dataset`` loader."""
     from torchvision import transforms as T
 
     from supersub.data import build_transforms
+    from supersub.data.dataset import TensorTrainTransform
     from supersub.data.store import shared_store
 
     store = shared_store(meta)  # one per process: reuses Parquet handles and row-group caches
-    steps = [t for t in build_transforms(size, train).transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
     images = []
-    for uri in batch["uri"]:
-        img = store.read(str(uri))
-        for step in steps:
-            img = step(img)
-        images.append(np.asarray(img, dtype=np.uint8))
+    if train:
+        augment = TensorTrainTransform(size)
+        for uri in batch["uri"]:
+            images.append(augment(store.read_tensor(str(uri))).permute(1, 2, 0).numpy())
+    else:
+        steps = [t for t in build_transforms(size, train).transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
+        for uri in batch["uri"]:
+            img = store.read(str(uri))
+            for step in steps:
+                img = step(img)
+            images.append(np.asarray(img, dtype=np.uint8))
     return {"row": batch["row"], "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)}
 
 

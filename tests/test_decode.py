@@ -166,3 +166,48 @@ def test_fast_path_is_bit_exact_on_real_imagenet_jpegs() -> None:
         fast += got.fast
         assert np.array_equal(got.tensor.permute(1, 2, 0).numpy(), _pil_only(data)), name
     assert fast >= 190  # 197 of the 200 are RGB JPEGs; the 3 grayscale ones take the PIL path
+
+
+def _folder_manifest(tmp_path: Path, size: int = 160) -> Path:
+    from supersub.data import build_manifest
+    from supersub.hierarchy.core import Hierarchy, Subclass, Superclass
+
+    for ci, wnid in enumerate(["n01", "n02", "n03"]):
+        d = tmp_path / "src" / "train" / wnid
+        d.mkdir(parents=True)
+        for i in range(8):
+            img = Image.fromarray(_photo(size, size * 3 // 4, seed=10 * ci + i), "RGB")
+            (d / f"{wnid}_{i}.JPEG").write_bytes(_encode(img.convert("L") if i == 0 else img))
+    h = Hierarchy("t", (Superclass("a", "a", (Subclass("n01", "n01"), Subclass("n02", "n02"))),
+                        Superclass("b", "b", (Subclass("n03", "n03"),))))
+    build_manifest(str(tmp_path / "src"), h, tmp_path / "m", val_fraction=0.25, test_fraction=0.0, num_workers=0,
+                   progress=False)
+    return tmp_path / "m"
+
+
+def test_dataset_loader_trains_on_uint8_and_normalises_on_the_device(tmp_path: Path) -> None:
+    from supersub.data import load_manifest
+    from supersub.data.loaders import LoaderSpec, make_loader
+
+    manifest = load_manifest(_folder_manifest(tmp_path))
+    train = make_loader(manifest, LoaderSpec("train", "fine", True, 4), image_size=96, mode="dataset",
+                        device=torch.device("cpu"), num_workers=0)
+    assert train.dataset.decoder == "tensor"
+    x, y = next(iter(train))
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 96, 96) and y.shape == (4,)
+    assert -2.2 < float(x.min()) and float(x.max()) < 2.7  # normalised uint8 range
+    val = make_loader(manifest, LoaderSpec("val", "fine", False, 4), image_size=96, mode="dataset",
+                      device=torch.device("cpu"), num_workers=0)
+    assert val.dataset.decoder == "pil" and next(iter(val))[0].shape[1:] == (3, 96, 96)
+
+
+def test_ray_data_decode_batch_takes_the_tensor_path(tmp_path: Path) -> None:
+    from jobs.ray_data import decode_batch
+    from supersub.data import load_manifest
+
+    manifest = load_manifest(_folder_manifest(tmp_path))
+    rows = manifest.indices("train")
+    batch = {"row": np.arange(rows.size), "uri": np.array([manifest.uris[i] for i in rows])}
+    for train in (True, False):
+        out = decode_batch(batch, manifest.meta, 96, train)
+        assert out["image"].shape == (rows.size, 96, 96, 3) and out["image"].dtype == np.uint8
