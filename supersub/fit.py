@@ -45,9 +45,15 @@ def schedule_steps(optim: OptimConfig, steps_per_epoch: int, world_size: int, tr
 
 
 def resume_state(ctx: Any, out_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from: the runner's (``ctx.resume_dir``), else the task's own
+    (``out_dir/checkpoint``). One that cannot be read is skipped with a line saying so."""
     for d in (ctx.resume_dir, out_dir / "checkpoint"):
         if d is not None and (Path(d) / "checkpoint.pt").is_file():
-            return load_checkpoint(Path(d) / "checkpoint.pt")
+            try:
+                return load_checkpoint(Path(d) / "checkpoint.pt")
+            except Exception as e:  # noqa: BLE001 - a damaged file of any kind: never trusted
+                ctx.log(f"{Path(d) / 'checkpoint.pt'} is unreadable ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); not resuming from it")
     return None
 
 

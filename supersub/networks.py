@@ -11,7 +11,6 @@ in its fingerprint, so a specialist is retrained when the network under it chang
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from supersub.atomic import atomic_path, sha256_file, write_text
 from supersub.config import from_dict, to_dict
 from supersub.models import ModelConfig, ResNet, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "network.json"
+OUTPUT_FILES = [WEIGHTS_FILE, SPEC_FILE]  # what save_network writes
+
+__all__ = ["NetworkSpec", "load_network", "network_hash", "save_network", "save_weights", "sha256_file"]
 
 
 @dataclass
@@ -47,20 +50,14 @@ class NetworkSpec:
         return build_model(self.model, self.num_outputs, self.image_size)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Every parameter and buffer of ``model`` (unwrapped from DDP) as a safetensors file."""
+    """Every parameter and buffer of ``model`` (unwrapped from DDP) as a safetensors file,
+    written atomically (:func:`supersub.atomic.atomic_path`)."""
     while hasattr(model, "module"):
         model = model.module
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> nn.Module:
@@ -83,7 +80,7 @@ def save_network(model: nn.Module, spec: NetworkSpec, out_dir: str | Path, class
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out_dir / WEIGHTS_FILE)
-    (out_dir / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "class_ids": class_ids}, indent=2))
+    write_text(out_dir / SPEC_FILE, json.dumps({**spec.to_dict(), "class_ids": class_ids}, indent=2))
 
 
 def load_network(folder: str | Path, order: list[str] | None = None) -> tuple[ResNet, NetworkSpec, list[str]]:

@@ -14,30 +14,96 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from supersub import atomic
 from supersub.config import dotted_keys
 from supersub.tasks import Task, TaskContext
-from supersub.tasks.base import TASK_FILE
+from supersub.tasks.base import LOCK_FILE, RESULT_FILE, TASK_FILE
 from supersub.train import pick_device
 
 
 class TaskFailed(RuntimeError):
-    """Some tasks failed after every retry; the others finished and were saved."""
+    """Some tasks failed after every retry; the others finished and were saved. Each is named
+    with its cause (:func:`error_line`); ``folders`` (task name → folder) names the place of a
+    full disk when the error itself does not."""
 
-    def __init__(self, failures: dict[str, BaseException], total: int) -> None:
+    def __init__(self, failures: dict[str, BaseException], total: int, folders: dict[str, str] | None = None) -> None:
         self.failures = failures
-        first_name, first = next(iter(failures.items()))
-        lines = "\n".join(f"  {name}: {type(e).__name__}: {str(e)[:500]}" for name, e in failures.items())
+        folders = folders or {}
+        causes = {name: error_line(e, folders.get(name)) for name, e in failures.items()}
+        lines = "\n".join(f"  {name}: {cause}" for name, cause in causes.items())
         super().__init__(
             f"{len(failures)} of {total} task(s) failed after retries (the others are saved; rerun with the same "
             f"--out to retry only these):\n{lines}"
         )
-        self.first_line = f"{first_name} failed: {type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+        first_name = next(iter(failures))
+        self.first_line = f"{first_name} failed: {causes[first_name]}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the job stops; what finished stays, a rerun continues."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+        super().__init__(signal.Signals(signum).name)
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what it wraps: ``__cause__`` / ``__context__``, a Ray error's ``cause``, a Ray
+    Train worker group's per-rank errors."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        yield x
+        failures = getattr(x, "worker_failures", None)
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+        todo += list(failures.values()) if isinstance(failures, dict) else []
+
+
+_NO_SPACE = re.compile(r"No space left on device(?::? '([^']+)')?|StorageFull")
+_EXC_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit|Failure)\b[^:]*:")
+
+
+def _real_name(path: str | Path | None) -> str:
+    """A file's own name for its temporary one (``model.safetensors.tmp123`` → ``model.safetensors``)."""
+    if path is None:
+        return "the device"
+    m = atomic.temp_pattern.match(Path(path).name)
+    return str(Path(path).with_name(m["stem"])) if m else str(path)
+
+
+def error_line(e: BaseException, where: str | Path | None = None) -> str:
+    """The cause of a failure in one line: ``no space left on <path>`` for a full disk (``where``
+    when the error names no path), else the exception's own message — the last line of a
+    worker's traceback, where the exception that ended it is — never a cut-off first part."""
+    texts = []
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return f"no space left on {_real_name(x.filename or where)}"
+        texts.append(str(x))
+    for text in texts:
+        m = _NO_SPACE.search(text)
+        if m:
+            return f"no space left on {_real_name(m.group(1) or where)}"
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if _EXC_LINE.match(last) and len(lines) > 1 else f"{type(e).__name__}: {last}".rstrip(": ")
 
 
 class TaskLogger(Protocol):
@@ -82,13 +148,16 @@ def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Cal
     else run (all pending tasks in one call, so the runner may run them concurrently)."""
     pending = []
     for t in tasks:
-        if t.done():
+        why = t.damage()
+        if why is None:
             log(f"{t.name}: done earlier with the same inputs and settings, reused ({t.out_dir})")
             continue
-        changed = _changed_since(t)
-        if changed:
-            log(f"{t.name}: {changed}; training anew in {t.out_dir} (the earlier one stays)")
-        t.stamp()
+        if why != "not finished":  # finished once, but its outputs are not what it recorded
+            log(f"{t.name}: {why} in {t.out_dir}; training it again (from its last checkpoint)")
+        else:
+            changed = _changed_since(t)
+            if changed:
+                log(f"{t.name}: {changed}; training anew in {t.out_dir} (the earlier one stays)")
         pending.append(t)
     if pending:
         runner.run(pending, resources)
@@ -99,25 +168,102 @@ def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Cal
 
 
 @contextlib.contextmanager
-def task_lock(task: Task) -> Iterator[None]:
-    """An exclusive lock on the task's folder (``.lock``), held while it runs: two processes that
-    need the same task train it once; the second waits, then finds it done."""
-    Path(task.out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(task.out_dir) / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def task_lock(task: Task, log: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False,
+              poll: float = 0.5) -> Iterator[None]:
+    """An exclusive lock on the task's folder (``.lock``), held while it runs — by every runner
+    (the Ray runner's driver holds it around the task's Train run): two processes, or two jobs in
+    one process, that need the same task train it once; the second waits, then finds it done.
+
+    ``flock``: the kernel drops the lock when its holder dies, however it dies, so a lock is
+    never stale (the pid and host written into the file only say who holds it). A lock file
+    removed while we waited (a cleaned leftover folder) is detected by its inode and taken anew.
+    ``stop()`` true while waiting raises :class:`Interrupted` (the job was stopped)."""
+    out = Path(task.out_dir)
+    path = out / LOCK_FILE
+    waited = False
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f = open(path, "a+")
+        except FileNotFoundError:  # the folder was removed as a leftover just now: make it again
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if not waited:
+                log(f"{task.name}: being trained by {holder}; waiting for it")
+                waited = True
+            if stop():
+                raise Interrupted(signal.SIGINT) from None
+            time.sleep(poll)
+            continue
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the file we locked was removed meanwhile: lock the one there now
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def remove_leftovers(root: str | Path, log: Callable[[str], None] = print) -> list[Path]:
+    """At the start of a job on a folder: the temporary files and folders of processes that are
+    gone (``bundle.tmp<pid>/``, ``*.tmp<pid>``; :func:`supersub.atomic.remove_leftovers`) and the
+    task folders that hold nothing but ``task.json`` (stamped, then killed before any output) —
+    each removed under its lock, so a folder another job is about to use is left alone."""
+    root = Path(root)
+    removed = atomic.remove_leftovers(root) if root.is_dir() else []
+    for folder in sorted((root / "tasks").glob("*")) if (root / "tasks").is_dir() else []:
+        if not folder.is_dir() or {p.name for p in folder.iterdir()} - {TASK_FILE, LOCK_FILE}:
+            continue
+        try:
+            f = open(folder / LOCK_FILE, "a+")
+        except FileNotFoundError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another job holds it: its folder, in use
+            if not {p.name for p in folder.iterdir()} - {TASK_FILE, LOCK_FILE}:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    if removed:
+        names = [p.relative_to(root).as_posix() for p in removed]
+        log(f"removed {len(names)} leftover(s) of an interrupted run: {', '.join(names[:4])}"
+            + (", ..." if len(names) > 4 else ""))
+    return removed
+
+
+def begin(task: Task) -> None:
+    """Under the task's lock, before it runs: ``task.json`` written, an untrusted
+    ``metrics.json`` (its outputs damaged) removed, so the folder reads "not finished" until the
+    task's own last rename."""
+    (Path(task.out_dir) / RESULT_FILE).unlink(missing_ok=True)
+    task.stamp()
 
 
 def run_attempt(task: Task, ctx: TaskContext, logger: TaskLogger | None) -> dict[str, Any]:
     """One attempt of ``task`` in ``ctx``, its logger told how it went (where the task runs)."""
     try:
         result = task.run(ctx)
+    except KeyboardInterrupt:
+        raise  # the job was stopped: it marks its runs KILLED, this attempt did not fail
     except BaseException as e:
         if logger:
-            logger.failed(f"{type(e).__name__}: {e}")
+            logger.failed(error_line(e, task.out_dir))
         raise
     if logger:
         logger.finished(result)
@@ -147,11 +293,14 @@ class LocalRunner:
         self.tracker = tracker or NullTracker()
         self.epoch_hook = epoch_hook  # tests inject failures here
 
+    kind = "local"  # what a task's identity names when this runner trains it (see pipeline.network_task)
+
     def _attempt(self, task: Task) -> dict[str, Any]:
-        with task_lock(task):  # another process (a study's runs side by side) may be at it
+        with task_lock(task, self.log):  # another process (a study's runs side by side) may be at it
             if task.done():
                 self.log(f"{task.name}: finished meanwhile by another process, reused ({task.out_dir})")
                 return task.result()
+            begin(task)
             self.log(f"{task.name}: running in {task.out_dir}")
             return self._run_here(task)
 
@@ -182,7 +331,7 @@ class LocalRunner:
                     if attempt == self.retries:
                         failures[task.name] = e
                     else:
-                        self.log(f"{task.name} failed ({type(e).__name__}: {e}); retrying from its last checkpoint")
+                        self.log(f"{task.name} failed ({error_line(e, task.out_dir)}); retrying from its last checkpoint")
         if failures:
-            raise TaskFailed(failures, len(tasks))
+            raise TaskFailed(failures, len(tasks), {t.name: t.out_dir for t in tasks})
         return [results[t.out_dir] for t in tasks]

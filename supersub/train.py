@@ -11,7 +11,6 @@ the process's peak resident set), because throughput and memory are logged metri
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from supersub.atomic import atomic_path
 from supersub.config import field
 
 
@@ -250,11 +250,8 @@ def evaluate(
 def save_checkpoint(path: str | Path, **state: Any) -> None:
     """Saves tensors and plain values (model/optimizer/scheduler state dicts, epoch, metrics)
     atomically: a crash mid-write never leaves a half checkpoint that a resume would trust."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # flushed, renamed; an interrupted write leaves no temp file
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -25,11 +25,20 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from supersub import atomic
 from supersub.config import from_dict, to_dict
 from supersub.data.loaders import LoaderSpec, make_loader
 
 TASK_FILE = "task.json"
 RESULT_FILE = "metrics.json"
+OUTPUTS_KEY = "outputs"  # in metrics.json: {file: {"bytes", "sha256"}} of the task's outputs
+LOCK_FILE = ".lock"
+# A task's own bookkeeping in its folder, never among its outputs.
+_NOT_OUTPUTS = {TASK_FILE, RESULT_FILE, "checkpoint"}
+
+
+def _why(e: BaseException) -> str:
+    return "empty" if isinstance(e, ValueError) and "Expecting value: line 1 column 1 (char 0)" in str(e) else str(e)
 
 
 @dataclass
@@ -75,6 +84,16 @@ def optim_identity(optim: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(optim).items() if k not in EXECUTION_ONLY}
 
 
+def runner_identity(runner: str) -> dict[str, Any]:
+    """The runner, in a training task's identity: the local runner and Ray Train workers do not
+    compute bit for bit alike (another intra-op thread count sums floats in another order; on the
+    issue's 2-core machine the vanilla network reached 37.67 % top-1 locally against 36.00 % under
+    Ray, issue 20), so a folder continued with the other runner must not mix their weights. Only
+    a runner other than the old default ("ray") enters it: folders trained on Ray keep their
+    fingerprints."""
+    return {} if runner == "ray" else {"runner": runner}
+
+
 class Task:
     """Base of the task kinds (:data:`TASK_KINDS`); subclasses are dataclasses with ``out_dir``."""
 
@@ -102,23 +121,48 @@ class Task:
 
     def stamp(self) -> None:
         """Writes ``task.json`` (kind, name, fingerprint, identity) into the task's folder."""
-        out = Path(self.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         doc = {"kind": self.kind, "name": self.name, "fingerprint": self.fingerprint(), "identity": self.identity()}
-        (out / TASK_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        atomic.write_text(Path(self.out_dir) / TASK_FILE, json.dumps(doc, indent=2, sort_keys=True))
 
-    def done(self) -> bool:
-        """Finished earlier with this very identity."""
+    def damage(self) -> str | None:
+        """Why this folder does not hold this task finished, in one line (None: it does).
+
+        Finished means ``task.json`` with this fingerprint and a readable ``metrics.json`` whose
+        recorded outputs (``outputs``: bytes and sha256 of each file) are all on disk unchanged;
+        "not run yet" is ``"not finished"``."""
         out = Path(self.out_dir)
         if not (out / RESULT_FILE).is_file() or not (out / TASK_FILE).is_file():
-            return False
-        return json.loads((out / TASK_FILE).read_text()).get("fingerprint") == self.fingerprint()
+            return "not finished"
+        try:
+            if json.loads((out / TASK_FILE).read_text()).get("fingerprint") != self.fingerprint():
+                return "not finished"
+        except (ValueError, OSError) as e:
+            return f"{TASK_FILE} is unreadable ({_why(e)})"
+        try:
+            doc = json.loads((out / RESULT_FILE).read_text())
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            return f"{RESULT_FILE} is unreadable ({_why(e)})"
+        return atomic.damaged(out, doc.get(OUTPUTS_KEY, {}))
+
+    def done(self) -> bool:
+        """Finished earlier with this very identity, its outputs as recorded (:meth:`damage`)."""
+        return self.damage() is None
 
     def result(self) -> dict[str, Any]:
-        return json.loads((Path(self.out_dir) / RESULT_FILE).read_text())
+        doc = json.loads((Path(self.out_dir) / RESULT_FILE).read_text())
+        doc.pop(OUTPUTS_KEY, None)
+        return doc
 
-    def write_result(self, result: dict[str, Any]) -> None:
-        (Path(self.out_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    def write_result(self, result: dict[str, Any], outputs: list[str] | None = None) -> None:
+        """Writes ``metrics.json`` — the last rename of a task, which makes it done — with the
+        bytes and sha256 of each of its ``outputs`` (file or folder names in the task's folder;
+        None: every file there but the task's own bookkeeping)."""
+        out = Path(self.out_dir)
+        names = outputs if outputs is not None else [p.name for p in out.iterdir() if p.name not in _NOT_OUTPUTS and not p.name.startswith(".")]
+        doc = {**result, OUTPUTS_KEY: atomic.record(out, names)}
+        atomic.write_text(out / RESULT_FILE, json.dumps(doc, indent=2))
 
     # ------------------------------------------------------------------ round trip
     def to_dict(self) -> dict[str, Any]:

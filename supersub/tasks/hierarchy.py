@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from supersub import atomic
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec, make_loader
 from supersub.data.manifest import write_manifest
@@ -95,8 +96,8 @@ class LearnedHierarchyTask(Task):
                                   min_size=self.min_size)
         ctx.log("learned hierarchy: " + ", ".join(f"{s.name} ({len(s.subclasses)})" for s in learned.superclasses))
         relabel_manifest(self.data.manifest_dir, learned, self.manifest_dir)
-        (Path(self.out_dir) / "similarity.json").write_text(
-            json.dumps({"class_ids": old.subclass_ids, "similarity": sim.tolist()}))
+        atomic.write_text(Path(self.out_dir) / "similarity.json",
+                          json.dumps({"class_ids": old.subclass_ids, "similarity": sim.tolist()}))
         result = {"name": self.name, "sizes": [len(s.subclasses) for s in learned.superclasses]}
-        self.write_result(result)
+        self.write_result(result, ["similarity.json", "data"])
         return result

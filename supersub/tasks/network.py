@@ -13,8 +13,8 @@ from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
 from supersub.fit import fit, peak_lr, summary
 from supersub.models import ModelConfig
-from supersub.networks import NetworkSpec, save_network
-from supersub.tasks.base import DataOptions, Task, optim_identity, register
+from supersub.networks import OUTPUT_FILES, NetworkSpec, save_network
+from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
 from supersub.train import OptimConfig, seed_everything
 
 
@@ -31,6 +31,7 @@ class NetworkTask(Task):
     out_dir: str
     seed: int = 0  # initialisation and data order
     train_images: int | None = None  # a budget in images instead of optim.epochs (equal-compute controls)
+    runner: str = "ray"  # which runner trains it: see runner_identity
 
     @property
     def name(self) -> str:
@@ -40,7 +41,8 @@ class NetworkTask(Task):
         # The role is a name only: the vanilla network of seed 1 *is* the second member of seed 0's
         # ensemble, and is trained once.
         return {"target": self.target, "model": to_dict(self.model), "optim": optim_identity(self.optim),
-                "data": self.data.identity(), "seed": self.seed, "train_images": self.train_images}
+                "data": self.data.identity(), "seed": self.seed, "train_images": self.train_images,
+                **runner_identity(self.runner)}
 
     def loader_specs(self) -> dict[str, LoaderSpec]:
         bs = self.optim.batch_size
@@ -66,5 +68,5 @@ class NetworkTask(Task):
         result["val_acc"] = history[-1]["val_acc"] if history else float("nan")
         if ctx.rank == 0:
             save_network(model, spec, out_dir, h.subclass_ids if fine else h.superclass_ids)
-            self.write_result(result)
+            self.write_result(result, OUTPUT_FILES)
         return result

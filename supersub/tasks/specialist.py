@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supersub import atomic
 from supersub.config import to_dict
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
@@ -34,7 +35,7 @@ from supersub.delta import (
 from supersub.fit import fit, peak_lr, resume_state, summary
 from supersub.models import state_bytes
 from supersub.networks import load_network
-from supersub.tasks.base import DataOptions, Task, optim_identity, register
+from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
 from supersub.train import OptimConfig, evaluate, seed_everything, unwrap
 
 DELTA_FILE = "delta.safetensors"
@@ -61,6 +62,7 @@ class SpecialistTask(Task):
     distill: float = 0.0  # weight of the distillation loss from the vanilla network
     distill_temperature: float = 2.0
     inputs: dict[str, str | None] = field(default_factory=dict)  # sha256 of resident / init / vanilla weights
+    runner: str = "ray"  # which runner trains it: see runner_identity
 
     @property
     def name(self) -> str:
@@ -73,6 +75,7 @@ class SpecialistTask(Task):
             "optim": optim_identity(self.optim), "negatives": self.negatives, "data": self.data.identity(),
             "seed": self.seed, "train_images": self.train_images, "inputs": dict(sorted(self.inputs.items())),
             **({"distill": self.distill, "distill_temperature": self.distill_temperature} if self.distill else {}),
+            **runner_identity(self.runner),
         }
 
     def loader_specs(self) -> dict[str, LoaderSpec]:
@@ -177,9 +180,8 @@ class SpecialistTask(Task):
         if self.distill > 0:  # the teacher's forward passes: training compute beside train_images
             result["teacher_images"] = result["train_images"]
         if ctx.rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / DELTA_FILE).write_bytes(packed.to_bytes())
-            self.write_result(result)
+            atomic.write_bytes(out_dir / DELTA_FILE, packed.to_bytes())
+            self.write_result(result, [DELTA_FILE])
         return result
 
 

@@ -1,0 +1,253 @@
+"""Crashes and damage (issue 20): atomic outputs, verified reuse, the task lock, a full disk,
+leftovers, error lines that name their cause, Ctrl-C / SIGTERM, the runner in a task's identity.
+
+In-process (the local runner) on tiny synthetic data; the Ray runner's lock and run-state
+recovery are tested in tests/test_jobs.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from supersub import atomic
+from supersub.config import load_config
+from supersub.pipeline import data_options, network_task, prepare_data, specialist_task
+from supersub.pipeline_config import PipelineConfig
+from supersub.runner import LocalRunner, TaskFailed, error_line, remove_leftovers, run_tasks, task_lock
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "resources.runner=local",
+    "tracking.enabled=false",
+    "report=false",
+    "data.source=synthetic:superclasses=2,subclasses=3,per_class=30,size=16",
+    "data.image_size=16",
+    "data.num_workers=0",
+    "model.width=0.125",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "specialist.optim.epochs=1",
+    "specialist.optim.batch_size=32",
+    "evaluation.bootstrap=50",
+]
+
+
+def tiny(*overrides: str) -> PipelineConfig:
+    return load_config(PipelineConfig, REPO / "jobs" / "configs" / "default.yaml", [*TINY, *overrides])
+
+
+def tasks_in(cfg: PipelineConfig, data, root: Path):
+    vanilla = network_task("vanilla", "fine", cfg, data, root)
+    if not (Path(vanilla.out_dir) / "model.safetensors").is_file():
+        return vanilla, None
+    return vanilla, specialist_task(cfg, 0, data, root, vanilla.out_dir, vanilla.out_dir)
+
+
+def run_both(cfg, data, root: Path, log) -> tuple:
+    vanilla, _ = tasks_in(cfg, data, root)
+    run_tasks(LocalRunner("cpu", log=log), [vanilla], cfg.resources, log)
+    vanilla, spec = tasks_in(cfg, data, root)
+    run_tasks(LocalRunner("cpu", log=log), [spec], cfg.resources, log)
+    return vanilla, spec
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The vanilla network and specialist_0, trained once; tests damage copies of them."""
+    base = tmp_path_factory.mktemp("crash")
+    cfg = tiny()
+    data = data_options(cfg, prepare_data(cfg, base, log=lambda s: None))
+    run_both(cfg, data, base / "tasks", lambda s: None)
+    return cfg, data, base
+
+
+def copy_tasks(trained, dst: Path) -> Path:
+    cfg, data, base = trained
+    shutil.copytree(base / "tasks", dst / "tasks", ignore=shutil.ignore_patterns(".lock"))
+    return dst / "tasks"
+
+
+# ----------------------------------------------------------------------------- damaged outputs
+@pytest.mark.slow
+@pytest.mark.parametrize("task, file", [("vanilla", "model.safetensors"), ("specialist_0", "delta.safetensors"),
+                                        ("vanilla", "metrics.json")])
+def test_a_damaged_output_is_found_and_the_task_retrained_with_one_line(trained, tmp_path, task, file):
+    cfg, data, _ = trained
+    root = copy_tasks(trained, tmp_path)
+    folder = next(root.glob(f"{task}-*"))
+    before = {p.name: atomic.sha256_file(p) for p in folder.iterdir() if p.suffix == ".safetensors"}
+    path = folder / file
+    path.write_bytes(b"" if file == "metrics.json" else path.read_bytes()[: path.stat().st_size // 2])
+    lines: list[str] = []
+    vanilla, spec = run_both(cfg, data, root, lines.append)
+    said = [line for line in lines if "training it again" in line]
+    assert len(said) == 1 and said[0].startswith(f"{task}: {file} is "), lines
+    assert ("is damaged (" if file != "metrics.json" else "is unreadable (empty)") in said[0]
+    again = Path((vanilla if task == "vanilla" else spec).out_dir)
+    assert again == folder  # the same folder: same identity
+    # retrained from its last checkpoint: the very same weights as before
+    assert {p.name: atomic.sha256_file(p) for p in folder.iterdir() if p.suffix == ".safetensors"} == before
+    assert vanilla.done() and spec.done()
+    # the other task was reused, not retrained
+    other = "specialist_0" if task == "vanilla" else "vanilla"
+    assert any(line.startswith(f"{other}: done earlier") for line in lines), lines
+
+
+def test_sizes_first_then_hashes(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    rec = atomic.record(tmp_path, ["a.bin"])
+    assert atomic.damaged(tmp_path, rec) is None
+    (tmp_path / "a.bin").write_bytes(b"y" * 10)  # same size, other bytes
+    assert atomic.damaged(tmp_path, rec) == "a.bin is damaged (its sha256 differs from the one recorded)"
+    (tmp_path / "a.bin").write_bytes(b"y")
+    assert atomic.damaged(tmp_path, rec) == "a.bin is damaged (1 bytes, 10 recorded)"
+    (tmp_path / "a.bin").unlink()
+    assert atomic.damaged(tmp_path, rec) == "a.bin is missing"
+
+
+# ----------------------------------------------------------------------------- full disk
+@pytest.mark.slow
+def test_no_space_leaves_nothing_a_rerun_trusts_and_the_rerun_finishes(trained, tmp_path, monkeypatch):
+    """A simulated ENOSPC while the weights are written (half the bytes land, then the write
+    fails, as on a full disk): the failure says "no space left on <path>", the folder holds no
+    result and no temporary file, and a rerun (space freed) finishes."""
+    import supersub.networks as networks
+
+    cfg, data, _ = trained
+    root = tmp_path / "tasks"
+    real = networks.save_file
+
+    def full_disk(state, path):
+        real(state, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(networks, "save_file", full_disk)
+    vanilla, _ = tasks_in(cfg, data, root)
+    with pytest.raises(TaskFailed) as e:
+        run_tasks(LocalRunner("cpu", retries=0, log=lambda s: None), [vanilla], cfg.resources, lambda s: None)
+    assert e.value.first_line == f"vanilla failed: no space left on {vanilla.out_dir}/model.safetensors"
+    folder = Path(vanilla.out_dir)
+    assert not (folder / "model.safetensors").exists() and not (folder / "metrics.json").exists()
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
+    assert vanilla.damage() == "not finished"
+    monkeypatch.setattr(networks, "save_file", real)
+    lines: list[str] = []
+    run_tasks(LocalRunner("cpu", retries=0, log=lines.append), [vanilla], cfg.resources, lines.append)
+    assert vanilla.done() and any("resumed after epoch 2" in line for line in lines), lines
+
+
+def test_error_lines_name_the_cause():
+    worker = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+              + "  File \"x.py\", line 1, in f\n" * 40 + "ValueError: delta.safetensors: header too large")
+    assert error_line(RuntimeError(worker)) == "ValueError: delta.safetensors: header too large"
+    died = RuntimeError("ActorDiedError: The actor died ... TrainController.__init__()\n"
+                        "OSError: [Errno 28] No space left on device: '/out/ray/vanilla-1/x.json'")
+    assert error_line(died) == "no space left on /out/ray/vanilla-1/x.json"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
+    except RuntimeError as e:
+        assert error_line(e, "/out/tasks/vanilla-1") == "no space left on /out/tasks/vanilla-1"
+    assert error_line(KeyError("x")) == "KeyError: 'x'"
+
+
+# ----------------------------------------------------------------------------- lock
+@pytest.mark.slow
+def test_two_jobs_on_one_folder_train_a_task_once(trained, tmp_path):
+    cfg, data, _ = trained
+    vanilla, _ = tasks_in(cfg, data, tmp_path / "tasks")
+    logs: list[list[str]] = [[], []]
+    second_waits = threading.Event()
+
+    def hold(task, epoch: int) -> None:  # the first job trains until the second waits for it
+        assert second_waits.wait(60), "the second job never waited for the lock"
+
+    def log2(line: str) -> None:
+        logs[1].append(line)
+        if "waiting for it" in line:
+            second_waits.set()
+
+    def job(i: int) -> None:
+        log = logs[0].append if i == 0 else log2
+        run_tasks(LocalRunner("cpu", log=log, epoch_hook=hold if i == 0 else None), [vanilla], cfg.resources, log)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(300)
+    text = "\n".join(logs[0] + logs[1])
+    assert text.count("vanilla: running in") == 1, text
+    assert logs[1][-1].startswith("vanilla: finished meanwhile by another process, reused"), text
+    assert any(line.startswith("vanilla: being trained by pid ") for line in logs[1]), text
+
+
+def test_a_dead_holders_lock_is_no_lock(tmp_path):
+    """flock: the kernel drops the lock with its holder, however it dies (SIGKILL here)."""
+
+    class T:
+        name, out_dir = "t", str(tmp_path / "t")
+
+    Path(T.out_dir).mkdir()
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(Path(T.out_dir) / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waited: list[str] = []
+        threading.Timer(1.0, holder.kill).start()
+        t0 = time.monotonic()
+        with task_lock(T, waited.append, poll=0.1):
+            assert time.monotonic() - t0 < 20
+        assert waited and "waiting for it" in waited[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ----------------------------------------------------------------------------- leftovers
+def test_leftovers_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tasks = tmp_path / "tasks"
+        (tmp_path / f"bundle.tmp{pid}" / "deltas").mkdir(parents=True)
+        (tasks / "vanilla-1" / "checkpoint").mkdir(parents=True)
+        (tasks / "vanilla-1" / "checkpoint" / f"checkpoint.pt.tmp{pid}").write_bytes(b"")
+        (tasks / "vanilla-1" / "model.safetensors").write_bytes(b"x")
+        (tasks / "specialist_0-2").mkdir()
+        (tasks / "specialist_0-2" / "task.json").write_text("{}")
+        (tasks / "specialist_1-3").mkdir()
+        (tasks / "specialist_1-3" / "task.json").write_text("{}")
+        (tasks / "specialist_1-3" / f"delta.safetensors.tmp{live.pid}").write_bytes(b"")  # being written now
+        removed = remove_leftovers(tmp_path, lambda s: None)
+        assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
+            f"bundle.tmp{pid}", "tasks/specialist_0-2", f"tasks/vanilla-1/checkpoint/checkpoint.pt.tmp{pid}"]
+        assert (tasks / "vanilla-1" / "model.safetensors").is_file()
+        assert (tasks / "specialist_1-3" / f"delta.safetensors.tmp{live.pid}").is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic.write_text(path, "old")
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
