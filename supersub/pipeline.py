@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supersub import atomic
 from supersub.bundle import write_bundle
 from supersub.config import ConfigError, save_config, to_dict
 from supersub.data import load_manifest
@@ -31,7 +32,7 @@ from supersub.evaluation import EvaluationInputs, evaluate_run, save_predictions
 from supersub.hierarchy import Hierarchy
 from supersub.networks import network_hash
 from supersub.pipeline_config import PipelineConfig
-from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, run_tasks
+from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, remove_leftovers, run_tasks
 from supersub.tasks import (
     DataOptions,
     LearnedHierarchyTask,
@@ -104,7 +105,8 @@ def data_options(cfg: PipelineConfig, manifest_dir: Path) -> DataOptions:
 # ----------------------------------------------------------------------------- tasks
 def network_task(role: str, target: str, cfg: PipelineConfig, data: DataOptions, root: Path, *,
                  model=None, seed: int | None = None, train_images: int | None = None) -> NetworkTask:
-    t = NetworkTask(role, target, model or cfg.model, cfg.train, data, "", cfg.seed if seed is None else seed, train_images)
+    t = NetworkTask(role, target, model or cfg.model, cfg.train, data, "", cfg.seed if seed is None else seed, train_images,
+                    cfg.resources.runner)
     t.out_dir = folder_for(root, t.name, t.fingerprint())
     return t
 
@@ -122,7 +124,7 @@ def specialist_task(cfg: PipelineConfig, superclass: int | None, data: DataOptio
     t = SpecialistTask(
         superclass, resident_dir, init_dir, head_init, vanilla_dir, cfg.delta, cfg.specialist.optim,
         0.0 if everything else cfg.specialist.negatives, data, "", cfg.seed, train_images,
-        cfg.specialist.distill, cfg.specialist.distill_temperature, inputs,
+        cfg.specialist.distill, cfg.specialist.distill_temperature, inputs, cfg.resources.runner,
     )
     t.out_dir = folder_for(root, t.name, t.fingerprint())
     return t
@@ -238,9 +240,13 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     base = Path(shared_dir) if shared_dir else out
     root = base / "tasks"
-    save_config(cfg, out / "config.yaml")
     tracker = tracker or NullTracker()
     runner = runner or LocalRunner(cfg.device, log=log, tracker=tracker)
+    kind = getattr(runner, "kind", cfg.resources.runner)
+    if kind != cfg.resources.runner:  # the runner that trains is the one tasks name (runner_identity)
+        cfg = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, runner=kind))
+    save_config(cfg, out / "config.yaml")
+    remove_leftovers(base, log)  # of an earlier run killed on this folder
     t0 = time.perf_counter()
 
     b = train_base_networks(cfg, base, runner, log, keyed_data=shared_dir is not None)
@@ -273,7 +279,7 @@ def run_pipeline(
         run_tasks(runner, b.extra["ensemble"], cfg.resources, log)
         metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
     metrics["wall_seconds"] = time.perf_counter() - t0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     log(format_summary(metrics))
     artifacts = ["config.yaml", "metrics.json", "predictions.parquet", "bundle"]
     if cfg.report:
