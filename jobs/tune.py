@@ -16,6 +16,19 @@ completed trial carries the exported deltas' accuracy and bytes.
 The resident network comes from the pipeline's own data and base-network tasks (reused when a
 pipeline ran with the same settings: ``--from RUN`` reads RUN/config.yaml and RUN's tasks). The
 job exits 1, naming the first error, when every trial failed.
+
+It always ends, and says how:
+
+* The space file's settings (``num_samples``, ``max_concurrent_trials``, ``scheduler``,
+  ``stall_timeout_s``, ``max_failures``, the samplers) are checked before Ray starts: one line,
+  exit 2 (ASHA's own check fired minutes later, as a traceback).
+* Bounded waiting: a trial's worker group that cannot start is retried ``max_failures`` times
+  (Train's default is forever), and a trial that reports nothing for ``stall_timeout_s`` is
+  stopped and fails with that reason (:class:`TrialWatch`).
+* SIGINT / SIGTERM: Tune stops its trials, the parent and the unfinished trials' MLflow runs end
+  KILLED, ``pareto.json`` is written marked ``partial`` with the trials that never ran, no
+  ``best.yaml``; exit 130 / 143. A second signal stops at once.
+* Trials that ASHA stopped end FINISHED in MLflow with the tag ``stopped_early``.
 """
 
 from __future__ import annotations
@@ -24,7 +37,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +55,10 @@ from supersub.pipeline_config import PipelineConfig, absolute_paths
 # Keys a space may search, and where they live in a specialist task's dict.
 SEARCHABLE = {"delta": ("delta",), "specialist.optim": ("optim",)}
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+SPACE_KEYS = {"space", "num_samples", "max_concurrent_trials", "scheduler", "overrides", "stall_timeout_s", "max_failures"}
+SCHEDULER_KEYS = {"grace_period", "reduction_factor"}
+STALL_TIMEOUT_S = 900.0  # default: a trial silent this long (no epoch reported) is stopped as failed
+STATUS_EVERY_S = 60.0  # the one-line status of the search, at most this often
 
 
 class AllTrialsFailed(RuntimeError):
@@ -47,17 +67,62 @@ class AllTrialsFailed(RuntimeError):
 
 def load_space(path: Path) -> dict[str, Any]:
     """A space file: ``space`` (key → sampler), ``num_samples``, ``max_concurrent_trials``,
-    ``scheduler`` (ASHA ``grace_period``, ``reduction_factor``), ``overrides`` (key=value list)."""
+    ``scheduler`` (ASHA ``grace_period``, ``reduction_factor``), ``overrides`` (key=value list),
+    ``stall_timeout_s``, ``max_failures``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"space file not found: {path}")
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    unknown = set(spec) - {"space", "num_samples", "max_concurrent_trials", "scheduler", "overrides"}
+    unknown = set(spec) - SPACE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     return spec
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_space(spec: dict[str, Any], epochs: int, path: str | Path) -> None:
+    """The space file's scheduler and search settings against the trials' ``epochs``; a bad one
+    raises :class:`ConfigError` before Ray starts (ASHA's own assert fired minutes into the job)."""
+    def bad(message: str) -> None:
+        raise ConfigError(f"{path}: {message}")
+
+    n = spec.get("num_samples", 8)
+    if not _int(n) or n < 1:
+        bad(f"num_samples must be an integer >= 1, got {n!r}")
+    c = spec.get("max_concurrent_trials")
+    if c is not None and (not _int(c) or c < 1):
+        bad(f"max_concurrent_trials must be null or an integer >= 1, got {c!r}")
+    sched = spec.get("scheduler") or {}
+    if not isinstance(sched, dict):
+        bad(f"scheduler must be a mapping of {sorted(SCHEDULER_KEYS)}, got {sched!r}")
+    if set(sched) - SCHEDULER_KEYS:
+        bad(f"scheduler: unknown keys {sorted(set(sched) - SCHEDULER_KEYS)}; ASHA takes {sorted(SCHEDULER_KEYS)}")
+    g = sched.get("grace_period", 1)
+    if not _int(g) or not 1 <= g <= epochs:
+        bad(f"scheduler.grace_period must be an integer from 1 to the trials' epochs ({epochs}), got {g!r}")
+    rf = sched.get("reduction_factor", 2)
+    if not _number(rf) or rf <= 1:
+        bad(f"scheduler.reduction_factor must be a number > 1, got {rf!r}")
+    stall = spec.get("stall_timeout_s", STALL_TIMEOUT_S)
+    if not _number(stall) or stall <= 0:
+        bad(f"stall_timeout_s must be a number of seconds > 0, got {stall!r}")
+    mf = spec.get("max_failures", 1)
+    if not _int(mf) or mf < 0:
+        bad(f"max_failures must be an integer >= 0, got {mf!r}")
+    overrides = spec.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        bad(f"overrides must be a list of key=value strings, got {overrides!r}")
+    if not isinstance(spec.get("space") or {}, dict):
+        bad("space must be a mapping of key: {sampler: args}")
 
 
 def parse_space(spec: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +181,10 @@ def trial_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from jobs.console import quiet_worker
     from supersub.tasks import TaskContext, task_from_dict
 
+    quiet_worker()
     rank = ray.train.get_context().get_world_rank()
     task = task_from_dict(config["tasks"][rank])
     ctx = TaskContext(device=ray.train.torch.get_device(), report=lambda metrics, ckpt: ray.train.report(metrics),
@@ -154,6 +221,8 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
     import ray.tune
     from ray.train.torch import TorchTrainer
 
+    from jobs.console import train_logging
+
     trial_id = ray.tune.get_context().get_trial_id()
     tasks = [apply_params(t, config["params"]) for t in config["tasks"]]
     for t in tasks:
@@ -171,8 +240,14 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
             num_workers=len(tasks), use_gpu=res["gpus"] > 0,
             resources_per_worker={"CPU": res["cpus"]} | ({"GPU": res["gpus"]} if res["gpus"] > 0 else {}),
         ),
-        run_config=ray.train.RunConfig(name=f"trial-{trial_id}", storage_path=config["storage"],
-                                       callbacks=[callback]),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{trial_id}", storage_path=config["storage"], callbacks=[callback],
+            # Bounded: a worker group that cannot start (Train's start timeout) or dies is
+            # retried max_failures times, not forever (controller_failure_limit defaults to -1).
+            failure_config=ray.train.FailureConfig(max_failures=config["max_failures"],
+                                                   controller_failure_limit=config["max_failures"]),
+            logging_config=train_logging(),
+        ),
     )
     try:
         trainer.fit()
@@ -185,6 +260,109 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
 
 
 # ----------------------------------------------------------------------------- the job
+def _error_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def trial_watch(log, stall_s: float, status_every_s: float = STATUS_EVERY_S, signals: Signals | None = None):
+    """A Tune callback on the driver: a line when a trial starts and when it ends (and how), the
+    search's status in one line at most every ``status_every_s`` (Tune's own table is off unless
+    ``--verbose``), and a trial that reports nothing for ``stall_s`` seconds stopped (its actor
+    killed: Tune records it as failed) with the reason in :attr:`stalled`."""
+    import ray
+    from ray.tune import Callback
+
+    class TrialWatch(Callback):
+        def __init__(self) -> None:
+            self.last: dict[str, float] = {}  # trial id -> when it started or last reported (monotonic)
+            self.reports: dict[str, int] = {}
+            self.stalled: dict[str, str] = {}
+            self.started: set[str] = set()
+            self.status_at = time.monotonic()
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.started.add(trial.trial_id)
+            self.last[trial.trial_id] = time.monotonic()
+            log(f"trial {trial.trial_id} started: {trial.config['params']}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.last[trial.trial_id] = time.monotonic()
+            self.reports[trial.trial_id] = int(result.get("training_iteration") or 0)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            r = trial.last_result or {}
+            acc = f"val acc {r['val_acc']:.2f}" if isinstance(r.get("val_acc"), (int, float)) else "no val acc"
+            if r.get("final") != 1 and signals is not None and signals.received:
+                log(f"trial {trial.trial_id} stopped (interrupted) after {r.get('training_iteration', 0)} reports")
+            elif r.get("final") == 1:
+                log(f"trial {trial.trial_id} completed: {acc}, deltas {r.get('delta_ratio', math.nan):.4f} of a network")
+            else:
+                log(f"trial {trial.trial_id} stopped early by ASHA after {r.get('training_iteration', 0)} reports ({acc})")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            reason = self.stalled.get(trial.trial_id) or _error_line(trial.get_error() or "error")
+            log(f"trial {trial.trial_id} failed: {reason}")
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            now = time.monotonic()
+            for t in trials:
+                tid = t.trial_id
+                if t.status != "RUNNING" or tid in self.stalled or now - self.last.get(tid, now) <= stall_s:
+                    continue
+                self.stalled[tid] = (f"no progress for {stall_s:g} s (stall_timeout_s; last report: "
+                                     f"{self.reports.get(tid, 'none')}): stopped")
+                actor = t.temporary_state.ray_actor
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
+            if now - self.status_at >= status_every_s:
+                self.status_at = now
+                counts: dict[str, int] = {}
+                for t in trials:
+                    counts[t.status] = counts.get(t.status, 0) + 1
+                log("tune: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())))
+
+    return TrialWatch()
+
+
+class Signals:
+    """SIGINT / SIGTERM for the tune job. While Tune runs (:attr:`tuning`): Tune's own graceful
+    stop (its SIGUSR1 handler ends the experiment and stops the trials), remembered in
+    :attr:`received`; otherwise, or at a second signal: :class:`supersub.runner.Interrupted` at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.tuning = False
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Ours for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours instead, for SIGTERM as for SIGINT
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+    def _handle(self, signum, frame) -> None:
+        from supersub.runner import Interrupted
+
+        first, self.received = self.received is None, self.received or signum
+        if first and self.tuning:
+            print(f"jobs.tune: {signal.Signals(signum).name}: stopping the trials (again to stop at once)",
+                  file=sys.stderr, flush=True)
+            signal.raise_signal(signal.SIGUSR1)
+            return
+        raise Interrupted(signum)
+
+
 def _check_state_api(log) -> None:
     """Ray 2.60 frees the placement group of a Train run whose controller was killed (a trial
     that ASHA stops) through the State API, i.e. the dashboard; without it the group keeps its
@@ -199,7 +377,7 @@ def _check_state_api(log) -> None:
 
 
 def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, superclasses: list[int] | None,
-             budget: float, log=print) -> dict[str, Any]:
+             budget: float, log=print, signals: Signals | None = None, verbose: bool = False) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -208,7 +386,9 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
     from supersub.pipeline import specialist_tasks, train_base_networks
 
     spec = load_space(space_file)
+    check_space(spec, cfg.specialist.optim.epochs, space_file)
     space = parse_space(spec.get("space", {}))
+    signals = signals or Signals()
     tune_dir = out / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(cfg, out, job="tune")
@@ -234,6 +414,7 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
 
             logger = MlflowTaskLogger(tracker.tracking_uri, tracker.experiment_id, tracker.run_id, "trial", {},
                                       {"supersub.kind": "tune_trial"})
+        watch = trial_watch(log, float(spec.get("stall_timeout_s", STALL_TIMEOUT_S)), signals=signals)
         tuner = tune.Tuner(
             # The trial function only builds and fits a trainer, whose workers hold the resources.
             # Tune refuses an empty request; a CPU token would leave too little for the workers.
@@ -244,6 +425,7 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
                 "trials_dir": str(tune_dir / "trials"),
                 "storage": str(tune_dir / "ray"),
                 "resources": {"cpus": cpus, "gpus": gpus},
+                "max_failures": int(spec.get("max_failures", 1)),
             },
             tune_config=tune.TuneConfig(
                 num_samples=int(spec.get("num_samples", 8)),
@@ -255,10 +437,28 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
                                         grace_period=int(sched.get("grace_period", 1)),
                                         reduction_factor=float(sched.get("reduction_factor", 2))),
             ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir / "ray")),
+            # Tune's status table only with --verbose (TrialWatch prints a line a minute instead).
+            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir / "ray"), callbacks=[watch],
+                                      verbose=2 if verbose else 0,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
         )
-        grid = tuner.fit()
-        return summarise(grid, tune_dir, budget, tracker, log, space_file)
+        if verbose:  # Tune prints its table every 30 s; once a minute is plenty
+            with contextlib.suppress(ImportError, AttributeError):
+                from ray.tune.experimental.output import TuneReporterBase
+
+                TuneReporterBase._heartbeat_freq = STATUS_EVERY_S
+        signals.tuning = True
+        try:
+            grid = tuner.fit()
+        finally:
+            signals.tuning = False
+        summary = summarise(grid, tune_dir, budget, tracker, log, space_file, watch=watch,
+                            interrupted=signals.received, total=_total_trials(spec))
+        if signals.received:
+            from supersub.runner import Interrupted
+
+            raise Interrupted(signals.received)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="from_dir", help="an earlier pipeline output whose data and base networks to use")
     p.add_argument("--superclasses", help="comma-separated superclass indices (default: all)")
     p.add_argument("--budget", type=float, default=0.05, help="largest mean delta size, as a fraction of one network")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own progress too (the logs keep them anyway)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline config overrides")
     args = p.parse_args(argv)
     if not (args.out or args.from_dir):
@@ -281,18 +482,34 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--from {args.from_dir}: not a pipeline output (no config.yaml in it)")
         config = args.config or (from_dir / "config.yaml" if from_dir else None)
         # The space file's own overrides (e.g. fewer epochs for trials) first; the command line wins.
-        cfg = absolute_paths(load_config(PipelineConfig, config,
-                                         list(load_space(Path(args.space)).get("overrides", [])) + args.overrides))
+        spec = load_space(Path(args.space))
+        if not isinstance(spec.get("overrides") or [], list):
+            raise ConfigError(f"{args.space}: overrides must be a list of key=value strings")
+        cfg = absolute_paths(load_config(PipelineConfig, config, list(spec.get("overrides") or []) + args.overrides))
+        # Scheduler and search settings: one line and exit 2 here, before Ray starts.
+        check_space(spec, cfg.specialist.optim.epochs, args.space)
+        parse_space(spec.get("space") or {})
         try:
             chosen = [int(s) for s in args.superclasses.split(",")] if args.superclasses else None
         except ValueError:
             raise ConfigError(f"--superclasses {args.superclasses}: expected comma-separated integers") from None
     except UserError as e:
         return fail(e, "jobs.tune")
-    started = init_ray(lambda s: print(s, flush=True))
+    from supersub.runner import Interrupted
+
+    signals = Signals()
+    started = False
     try:
+        signals.install()
+        started = init_ray(lambda s: print(s, flush=True), verbose=args.verbose)
+        signals.install()  # again: ray.init replaced the SIGTERM handler
         run_tune(cfg, Path(args.space).absolute(), out, from_dir or out, chosen, args.budget,
-                 log=lambda s: print(s, flush=True))
+                 log=lambda s: print(s, flush=True), signals=signals, verbose=args.verbose)
+    except Interrupted as e:
+        partial = out / "tune" / "pareto.json"
+        where = f"what ran is in {partial} (partial), " if signals.received and partial.is_file() else ""
+        print(f"jobs.tune: interrupted ({e}); {where}no best.yaml", file=sys.stderr, flush=True)
+        return e.exit_code
     except AllTrialsFailed as e:
         fail(e, "jobs.tune")
         return 1
@@ -303,10 +520,32 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
+        signals.restore()
     return 0
 
 
 # ----------------------------------------------------------------------------- results
+def _end_trial_runs(tracker, trials: list[dict[str, Any]]) -> None:
+    """The trials' MLflow runs that Tune left RUNNING (their process was stopped): ASHA's stops
+    FINISHED with the tag ``stopped_early``, failures FAILED, the rest (interrupted) KILLED."""
+    if not hasattr(tracker, "client"):
+        return
+    status = {f"trial {t['trial_id']}": t for t in trials}
+    query = f"tags.mlflow.parentRunId = '{tracker.run_id}' and attributes.status != 'FINISHED'"
+    for run in tracker.client.search_runs([tracker.experiment_id], filter_string=query):
+        trial = status.get(run.info.run_name, {})
+        if run.info.status != "RUNNING" and trial.get("status") != "stopped early":
+            continue  # ended by its trial (FAILED with the reason)
+        if trial.get("status") == "stopped early":  # also when the trial's stop raised in it (FAILED)
+            tracker.client.set_tag(run.info.run_id, "stopped_early", "true")
+            tracker.client.set_terminated(run.info.run_id, "FINISHED")
+        elif trial.get("status") == "error":
+            tracker.client.set_tag(run.info.run_id, "supersub.failure", str(trial.get("error", ""))[:5000])
+            tracker.client.set_terminated(run.info.run_id, "FAILED")
+        else:
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+
+
 def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials that no other beats on both accuracy (higher) and delta size (lower)."""
     front, best = [], -math.inf
@@ -317,29 +556,57 @@ def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Path) -> dict[str, Any]:
-    """pareto.json, pareto.png, best.yaml; raises :class:`AllTrialsFailed` if no trial completed
-    and every one failed."""
+def _total_trials(spec: dict[str, Any]) -> int:
+    """Trials the space file asks for: ``num_samples`` x the product of the grids' sizes."""
+    grid = math.prod(len(next(iter(v.values()))) for v in (spec.get("space") or {}).values() if "grid" in v)
+    return int(spec.get("num_samples", 8)) * grid
+
+
+def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Path, watch=None,
+              interrupted: int | None = None, total: int | None = None) -> dict[str, Any]:
+    """pareto.json, pareto.png, best.yaml and the trials' MLflow runs ended; raises
+    :class:`AllTrialsFailed` if no trial completed and every one failed. ``interrupted`` (a
+    signal number): pareto.json marked ``partial`` with the trials that never ran, no best.yaml."""
     from supersub.plots import pareto
 
+    started = watch.started if watch is not None else None
+    stalled = watch.stalled if watch is not None else {}
     trials, errors = [], []
     for r in grid:
         m = r.metrics or {}
-        status = "error" if r.error else ("completed" if m.get("final") == 1 else "stopped early")
+        folder = Path(r.path).name if r.path else "?"
+        tid = m.get("trial_id") or next((t for t in (started or ()) if t in folder), folder)
         if r.error:
-            errors.append(str(r.error).strip().splitlines()[-1] if str(r.error).strip() else type(r.error).__name__)
-        trial = {"trial_id": m.get("trial_id", Path(r.path).name), "status": status, "params": r.config["params"],
+            status = "error"
+            errors.append(stalled.get(tid) or _error_line(r.error))
+        elif m.get("final") == 1:
+            status = "completed"
+        elif not m:
+            status = "not run" if started is None or tid not in started else "interrupted"
+        else:
+            status = "interrupted" if interrupted else "stopped early"
+        trial = {"trial_id": tid, "status": status, "params": r.config["params"],
                  "val_acc": m.get("val_acc"), "iterations": m.get("training_iteration")}
+        if status == "error":
+            trial["error"] = errors[-1]
         if status == "completed":
             trial.update({k: m[k] for k in ("delta_bytes", "delta_ratio", "delta_density")})
         trials.append(trial)
     done = [t for t in trials if t["status"] == "completed"]
+    _end_trial_runs(tracker, trials)
     if trials and len(errors) == len(trials):
         raise AllTrialsFailed(f"all {len(trials)} trials failed; the first: {errors[0]}")
     front = pareto_front(done)
     fits = [t for t in done if t["delta_ratio"] <= budget]
     best = max(fits, key=lambda t: (t["val_acc"], -t["delta_ratio"])) if fits else None  # ties: the smaller
     summary = {"budget": budget, "trials": trials, "front": [t["trial_id"] for t in front], "best": best}
+    if interrupted:
+        # What ran, for the record; not a result: no best.yaml (an older one would pass for this run's).
+        not_run = [t["trial_id"] for t in trials if t["status"] == "not run"]
+        summary.update({"partial": True, "interrupted": signal.Signals(interrupted).name, "best": None,
+                        "not_run": not_run, "not_created": max(0, (total or len(trials)) - len(trials))})
+        (tune_dir / "best.yaml").unlink(missing_ok=True)
+        best = None
     (tune_dir / "pareto.json").write_text(json.dumps(summary, indent=2, default=float))
     if done:
         pareto(done, front, None, tune_dir / "pareto.png", budget=budget, best=best)
@@ -348,7 +615,10 @@ def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Pat
     for t in sorted(trials, key=lambda t: -(t["val_acc"] or 0)):
         ratio = f"{t['delta_ratio']:.4f}" if "delta_ratio" in t else "-"
         log(f"{t['trial_id']:<12}{t['status']:<15}{t['val_acc'] or float('nan'):>8.2f}{ratio:>10}  {t['params']}")
-    if best is None:
+    if interrupted:
+        log(f"interrupted ({signal.Signals(interrupted).name}): {len(done)} of {total or len(trials)} trials completed; "
+            f"pareto.json is partial, no best.yaml")
+    elif best is None:
         log(f"no completed trial has deltas within {budget} of a network: no best.yaml")
     else:
         best_file = tune_dir / "best.yaml"

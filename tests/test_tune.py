@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from ray_helpers import REPO, call_with_timeout, tiny_run
+from ray_helpers import (
+    DEFAULT_CONFIG,
+    ENV,
+    PYTHON,
+    REPO,
+    TINY,
+    call_with_timeout,
+    copy_without_specialists,
+    stop_cluster,
+    tiny_run,
+)
 
 from jobs.pipeline import overrides_from
 from jobs.tune import apply_params, load_space, pareto_front
@@ -105,3 +119,130 @@ def test_tune_whose_every_trial_fails_exits_non_zero(tiny: dict, tmp_path: Path,
     space.write_text("num_samples: 1\nspace:\n  delta.keep: {grid: [0.05, 1.5]}\n")
     assert main(argv) == 2
     assert "delta.keep=1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings,message", [
+    ("scheduler: {grace_period: 20}", "scheduler.grace_period must be an integer from 1 to the trials' epochs (2)"),
+    ("scheduler: {reduction_factor: 1}", "scheduler.reduction_factor must be a number > 1"),
+    ("scheduler: {max_t: 3}", "scheduler: unknown keys ['max_t']"),
+    ("num_samples: 0", "num_samples must be an integer >= 1"),
+    ("max_concurrent_trials: 1.5", "max_concurrent_trials must be null or an integer >= 1"),
+    ("stall_timeout_s: -1", "stall_timeout_s must be a number of seconds > 0"),
+])
+def test_space_settings_are_checked_before_ray_starts(tmp_path: Path, capsys, settings: str, message: str) -> None:
+    from jobs.tune import main
+
+    space = tmp_path / "bad.yaml"
+    space.write_text(f"{settings}\noverrides: [specialist.optim.epochs=2]\nspace:\n  delta.bits: {{choice: [2, 8]}}\n")
+    code = main(["--space", str(space), "--config", str(REPO / "jobs" / "configs" / "default.yaml"),
+                 "--out", str(tmp_path / "out"), "tracking.enabled=false"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert "ray:" not in out and not (tmp_path / "out").exists()  # before Ray started or anything was written
+
+
+def _tune_subprocess(argv: list[str], out_file: Path, temp_dir: str) -> subprocess.Popen:
+    """``python -m jobs.tune`` / ``jobs.pipeline`` in a process of its own, which starts its own
+    local Ray (private temp dir) beside the test session's: two Rays on this host."""
+    env = {**os.environ, **ENV, "RAY_TMPDIR": temp_dir}
+    env.pop("RAY_ADDRESS", None)  # the session's, pinned in this process
+    return subprocess.Popen([PYTHON, "-m", *argv], cwd=REPO, env=env, stdout=out_file.open("w"),
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_pipeline_and_tune_beside_another_ray(tiny: dict, tmp_path: Path) -> None:
+    """The issue's host: another Ray runs (this session's) when a pipeline and a Tune job start
+    their own. Unpinned, Train's placement-group cleaner and the State API found two clusters
+    ("Found multiple active Ray instances") and trials after an ASHA stop never started. Here:
+    no traceback, every trial starts, ASHA stops one, the jobs end; epoch lines once each."""
+    from mlflow.tracking import MlflowClient
+
+    out = copy_without_specialists(tiny["out"], tmp_path / "run")  # the specialists train again
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    temp_dir = tempfile.mkdtemp(prefix="ss2r-", dir="/tmp")
+    # lr 1e-9 cannot move the new head off chance level: ASHA stops trial 2 at its first rung
+    # (below trial 1's accuracy); trial 3 must still start after it (its resources freed).
+    space = tmp_path / "asha.yaml"
+    space.write_text("num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {grace_period: 1, reduction_factor: 2}\n"
+                     "overrides: [specialist.optim.epochs=2]\n"
+                     "space:\n  specialist.optim.lr: {grid: [0.05, 1.0e-9, 0.05]}\n")
+    logs = {}
+    try:
+        for job, argv in (
+            ("pipeline", ["jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(out), *TINY,
+                          f"tracking.tracking_uri={uri}"]),
+            ("tune", ["jobs.tune", "--space", str(space), "--from", str(out), "--superclasses", "0",
+                      "--budget", "0.5", f"tracking.tracking_uri={uri}"]),
+        ):
+            logs[job] = tmp_path / f"{job}.log"
+            proc = _tune_subprocess(argv, logs[job], temp_dir)
+            try:
+                code = proc.wait(timeout=600)
+            finally:
+                proc.kill()
+            text = logs[job].read_text()
+            assert code == 0, text[-5000:]
+            assert "Traceback" not in text and "multiple active Ray instances" not in text, text[-5000:]
+            assert "Reporting training result" not in text
+            epoch_lines = [line for line in text.splitlines() if "epoch " in line and "/" in line]
+            assert epoch_lines and len(epoch_lines) == len(set(epoch_lines)), epoch_lines  # once each
+    finally:
+        call_with_timeout(stop_cluster, 60, temp_dir)
+    summary = json.loads((out / "tune" / "pareto.json").read_text())
+    statuses = [t["status"] for t in summary["trials"]]
+    assert len(statuses) == 3 and all(t["iterations"] for t in summary["trials"]), summary["trials"]  # all started
+    assert "stopped early" in statuses and "completed" in statuses, statuses
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("supersub.kind") == "tune_trial"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
+    assert sum(r.data.tags.get("stopped_early") == "true" for r in trials) == statuses.count("stopped early")
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_tune_interrupted_by_sigint_ends_killed(tiny: dict, tmp_path: Path) -> None:
+    """SIGINT once the first trial has started: exit 130, the parent and trial runs KILLED,
+    pareto.json partial listing the trials that never ran, no best.yaml."""
+    from mlflow.tracking import MlflowClient
+
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    space = tmp_path / "two.yaml"
+    space.write_text("num_samples: 1\nmax_concurrent_trials: 1\noverrides: [specialist.optim.epochs=2]\n"
+                     "space:\n  delta.bits: {grid: [2, 8]}\n")
+    out = tmp_path / "out"
+    (out / "tune").mkdir(parents=True)
+    (out / "tune" / "best.yaml").write_text("# from an earlier search\n")
+    log = tmp_path / "tune.log"
+    temp_dir = tempfile.mkdtemp(prefix="ssint-", dir="/tmp")
+    try:
+        proc = _tune_subprocess(["jobs.tune", "--space", str(space), "--from", str(tiny["out"]), "--out", str(out),
+                                 "--superclasses", "0", f"tracking.tracking_uri={uri}"], log, temp_dir)
+        try:
+            deadline = time.monotonic() + 300
+            while " started: " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(5)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=180)
+        finally:
+            proc.kill()
+    finally:
+        call_with_timeout(stop_cluster, 60, temp_dir)
+    text = log.read_text()
+    assert code == 130, text[-5000:]
+    assert "interrupted (SIGINT)" in text and "Traceback" not in text, text[-5000:]
+    summary = json.loads((out / "tune" / "pareto.json").read_text())
+    assert summary["partial"] and summary["interrupted"] == "SIGINT" and summary["best"] is None
+    assert len(summary["not_run"]) + summary["not_created"] >= 1, summary  # the second trial never ran
+    assert not (out / "tune" / "best.yaml").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
+    parent = next(r for r in runs if r.info.run_name.startswith("tune:"))
+    assert parent.info.status == "KILLED"
+    trials = [r for r in runs if r.data.tags.get("supersub.kind") == "tune_trial"]
+    assert trials and all(r.info.status == "KILLED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
