@@ -87,7 +87,8 @@ def _is_truncation(err: Exception) -> bool:
     return "truncated" in text or "broken data stream" in text or "premature end" in text
 
 
-def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int | None = None) -> Decoded:
+def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int | None = None,
+                 fast: bool = True) -> Decoded:
     """Decodes encoded image bytes to an RGB PIL image, converting or skipping bad data.
 
     Args:
@@ -98,9 +99,9 @@ def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int
             1/1, 1/2, 1/4, 1/8 of full size that is still at least ``draft_size`` pixels on
             both sides: much faster for small targets (e.g. a 500 px photo read for a 64 px
             model). The whole entropy-coded stream is still read, so truncation is still found.
-
-    Clean RGB JPEGs that the draft would not reduce are decoded by torchvision's decoder (the
-    JPEG fast path below: the same pixels, sooner); everything else by PIL.
+        fast: clean RGB JPEGs that the draft would not reduce are decoded by torchvision's
+            decoder (the JPEG fast path below: the same pixels, sooner); ``False``: PIL for
+            everything (benchmarks compare the two).
 
     Returns:
         :class:`Decoded` with ``image`` in mode RGB (or ``None``) and the events in
@@ -108,7 +109,7 @@ def decode_image(data: bytes | None, name: str | None = None, *, draft_size: int
     """
     if not data:
         return Decoded(None, (SKIPPED_EMPTY,))
-    size = fast_jpeg_size(data, name)
+    size = fast_jpeg_size(data, name) if fast else None
     if size is not None and not (draft_size and min(size[0] // draft_size, size[1] // draft_size) >= 2):
         # A clean JPEG that PIL's draft would not reduce: the same pixels, ~20 % sooner.
         tensor = _decode_jpeg_tensor(data)
