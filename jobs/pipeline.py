@@ -19,6 +19,7 @@ otherwise an embedded local Ray starts and stops with the job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,11 +28,12 @@ from typing import Any
 import yaml
 
 from jobs.cli import fail
+from jobs.interrupt import interrupted_line, signals_interrupt
 from supersub.config import ConfigError, describe, dotted_keys, load_config
 from supersub.errors import UserError
 from supersub.pipeline import check_inputs, run_pipeline
 from supersub.pipeline_config import PipelineConfig, absolute_paths
-from supersub.runner import NullTracker, TaskFailed
+from supersub.runner import Interrupted, NullTracker, TaskFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,11 +135,19 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dic
     try:
         tracker = make_tracker(cfg, out)
         runner = make_runner(cfg, out, tracker, log)
-        if not hasattr(tracker, "__enter__"):
-            return run_pipeline(cfg, out, runner, tracker, log)
-        with tracker:
-            log(f"mlflow: run {tracker.run_id} in {tracker.tracking_uri} (experiment {cfg.tracking.experiment!r})")
-            return run_pipeline(cfg, out, runner, tracker, log)
+        with tracker if hasattr(tracker, "__enter__") else contextlib.nullcontext():
+            if hasattr(tracker, "run_id"):
+                log(f"mlflow: run {tracker.run_id} in {tracker.tracking_uri} (experiment {cfg.tracking.experiment!r})")
+            try:
+                return run_pipeline(cfg, out, runner, tracker, log)
+            except KeyboardInterrupt:  # SIGINT / SIGTERM (jobs.interrupt)
+                if hasattr(runner, "stop"):
+                    runner.stop()  # no Train run starts after this
+                if started:  # the running Train runs end with this connection (their controllers
+                    import ray  # are owned by this driver), before the tracker marks them KILLED
+
+                    ray.shutdown()
+                raise
     finally:
         if started:
             import ray
@@ -153,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         return fail(ConfigError("--out is required"), "jobs.pipeline")
     try:
-        cfg = load(args)
-        run(cfg, Path(args.out), log=lambda s: print(s, flush=True), verbose=args.verbose)
+        with signals_interrupt("jobs.pipeline"):
+            cfg = load(args)
+            run(cfg, Path(args.out), log=lambda s: print(s, flush=True), verbose=args.verbose)
+    except Interrupted as e:
+        print(interrupted_line("jobs.pipeline", e), file=sys.stderr, flush=True)
+        return e.exit_code
     except TaskFailed as e:
         print(str(e), file=sys.stderr)
         print(f"jobs.pipeline: error: {e.first_line}", file=sys.stderr)

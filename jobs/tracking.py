@@ -169,7 +169,16 @@ class MlflowTracker:
         if exc_type is not None:
             tag = "supersub.interrupted" if killed else "supersub.failure"
             self.client.set_tag(self.run_id, tag, f"{exc_type.__name__}: {exc}"[:5000])
+        if killed:  # the task runs it stopped (their workers are gone, or never said so) end KILLED too
+            self.end_children("KILLED", f"{exc_type.__name__}: {exc}")
         self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED" if exc_type else "FINISHED")
+
+    def end_children(self, status: str, reason: str) -> None:
+        """Ends this job's nested runs that are still RUNNING with ``status``."""
+        query = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000):
+            self.client.set_tag(run.info.run_id, "supersub.interrupted", reason[:5000])
+            self.client.set_terminated(run.info.run_id, status)
 
     # ------------------------------------------------------------------ Tracker protocol
     def task_logger(self, task) -> MlflowTaskLogger:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -251,3 +252,57 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
+def _job(out: Path, uri: str, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "jobs.pipeline", "--config", str(REPO / "jobs" / "configs" / "default.yaml"),
+            "--out", str(out), *TINY, "tracking.enabled=true", f"tracking.tracking_uri={uri}", "train.epochs=60", *extra]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _interrupt_after(proc: subprocess.Popen, marker: str, signum: int, timeout: float = 240) -> tuple[list[str], str]:
+    """Reads the job's lines until ``marker``, sends ``signum``, returns (stdout lines, stderr)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            proc.send_signal(signum)
+            break
+    try:
+        rest, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, err = proc.communicate()
+        pytest.fail("the job did not stop within 120 s of the signal")
+    return lines + rest.splitlines(), err
+
+
+@pytest.mark.slow
+@pytest.mark.mlflow
+def test_sigint_and_sigterm_stop_the_job_mark_runs_killed_and_a_rerun_continues(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out, uri = tmp_path / "run", "sqlite:///" + str(tmp_path / "mlflow.db")
+    proc = _job(out, uri)
+    lines, err = _interrupt_after(proc, "vanilla epoch 2/", signal.SIGINT)
+    assert proc.returncode == 130, (lines[-5:], err[-2000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("jobs.pipeline: interrupted (SIGINT)"), err
+    assert [line for line in lines if ": running in" in line] == [lines[next(
+        i for i, x in enumerate(lines) if x.startswith("vanilla: running in"))]], lines  # nothing after vanilla
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.run_name for r in runs} == {"pipeline:default", "vanilla"}
+    # the rerun continues from the checkpoint; SIGTERM stops it with 143
+    proc = _job(out, uri)
+    lines, err = _interrupt_after(proc, "vanilla: resumed after epoch", signal.SIGTERM)
+    assert proc.returncode == 143 and "interrupted (SIGTERM)" in err.strip().splitlines()[-1], (lines[-5:], err[-2000:])
+    assert any(x.startswith("vanilla: resumed after epoch") and not x.endswith("epoch 0") for x in lines), lines
+    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 4
