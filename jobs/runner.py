@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -36,7 +37,17 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from supersub.runner import NullTracker, TaskFailed, Tracker, run_attempt
+from supersub import atomic
+from supersub.runner import (
+    Interrupted,
+    NullTracker,
+    TaskFailed,
+    Tracker,
+    begin,
+    error_line,
+    run_attempt,
+    task_lock,
+)
 from supersub.tasks import SpecialistTask, Task, TaskContext, task_from_dict
 
 
@@ -52,7 +63,10 @@ class RayRunner:
     """Runs tasks as concurrent Ray Train runs (the :class:`supersub.runner.Runner` protocol).
 
     ``epoch_hook(task, epoch, rank)`` runs in the worker after every epoch's report (tests inject
-    failures there); it must be picklable."""
+    failures there); it must be picklable. :meth:`stop` (the job got SIGINT/SIGTERM): no Train
+    run starts after it; the running ones end with the driver's Ray connection."""
+
+    kind = "ray"  # what a task's identity names when this runner trains it (see pipeline.network_task)
 
     def __init__(
         self,
@@ -72,6 +86,8 @@ class RayRunner:
         self.retries, self.log = retries, log
         self.tracker = tracker or NullTracker()
         self.epoch_hook = epoch_hook
+        self._stop = threading.Event()
+        self._log_lock = threading.Lock()
         nodes = [n for n in ray.nodes() if n["Alive"]]
         # With several nodes a worker may not see the driver's folders: inputs travel through the
         # object store and outputs come back as the final checkpoint (train_loop).
@@ -91,8 +107,16 @@ class RayRunner:
             results.update(done)
             failures.update(failed)
         if failures:
-            raise TaskFailed(failures, len(tasks))
+            raise TaskFailed(failures, len(tasks), {t.name: t.out_dir for t in tasks})
         return [results[t.out_dir] for t in tasks]
+
+    def stop(self) -> None:
+        """No Train run starts after this; a driver thread waiting for a lock or a slot gives up."""
+        self._stop.set()
+
+    def _say(self, line: str) -> None:
+        with self._log_lock:  # one whole line at a time from the concurrent driver threads
+            self.log(line)
 
     # ------------------------------------------------------------------ driver side
     def _run_all(self, tasks: list[Task], scaling: tuple[int, float, float]):
@@ -107,33 +131,76 @@ class RayRunner:
         shipped = self._ship_inputs(tasks) if self.multi_node else {}
 
         def work(task: Task) -> None:
-            with gate:
-                try:
-                    results[task.out_dir] = self._run_one(task, scaling, shipped)
-                except BaseException as e:  # noqa: BLE001 - reported together by run()
-                    errors[task.name] = e
+            try:
+                # The lock before a slot: a task another job is training holds no slot here.
+                with task_lock(task, self._say, stop=self._stop.is_set):
+                    if task.done():
+                        self._say(f"{task.name}: finished meanwhile by another process, reused ({task.out_dir})")
+                        results[task.out_dir] = task.result()
+                        return
+                    with gate:
+                        if self._stop.is_set():
+                            return  # stopped while waiting for a slot: never started
+                        begin(task)
+                        results[task.out_dir] = self._run_one(task, scaling, shipped)
+            except Interrupted:
+                pass
+            except BaseException as e:  # noqa: BLE001 - reported together by run()
+                errors[task.name] = e
 
         threads = [threading.Thread(target=work, args=(t,), name=f"fit-{t.name}", daemon=True) for t in tasks]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        if self._stop.is_set():
+            raise Interrupted(2)
         return results, errors
 
     def _run_one(self, task: Task, scaling, shipped) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
-            self.log(f"{task.name}: {'started' if attempt == 0 else f'retry {attempt}'} as Ray Train run {Path(task.out_dir).name}")
+            if self._stop.is_set():
+                raise Interrupted(2)
+            self._check_run_state(task)
+            self._say(f"{task.name}: {'started' if attempt == 0 else f'retry {attempt}'} as Ray Train run {Path(task.out_dir).name}")
             try:
                 result = self._fit(task, scaling, shipped)
-                self.log(f"{task.name}: done")
+                self._say(f"{task.name}: done")
                 return result
             except Exception as e:
-                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                if self._stop.is_set():  # the job was stopped under it: the job marks its runs KILLED
+                    raise Interrupted(2) from e
+                reason = error_line(e, task.out_dir)
                 self.tracker.task_failed(task, reason)
                 if attempt == self.retries:
                     raise
-                self.log(f"{task.name}: run failed ({reason}); retrying from its checkpoint")
+                self._say(f"{task.name}: run failed ({reason}); retrying from its checkpoint")
         raise AssertionError
+
+    def _check_run_state(self, task: Task) -> None:
+        """Ray's run state of the task (``<storage>/<run name>``) readable, or removed with a line
+        saying so: Train V2 cannot restore from an unreadable ``checkpoint_manager_snapshot.json``
+        (a full disk leaves it empty), and would fail every rerun. Without it the run starts
+        afresh and the task resumes from its own last checkpoint (``<task>/checkpoint``)."""
+        if "://" in self.storage:
+            return  # remote storage: Ray's to read
+        state = Path(self.storage) / Path(task.out_dir).name
+        for p in sorted(state.glob("*.json")) if state.is_dir() else []:
+            try:
+                json.loads(p.read_text())
+                continue
+            except (ValueError, OSError) as e:
+                why = "empty" if p.stat().st_size == 0 else f"{type(e).__name__}: {e}"
+            own = Path(task.out_dir) / "checkpoint" / "checkpoint.pt"
+            since = f"its own last checkpoint ({own})" if own.is_file() else "the start (it has no checkpoint of its own)"
+            self._say(f"{task.name}: Ray's run state {p} is unreadable ({why}); removed it, the task resumes from {since}")
+            shutil.rmtree(state, ignore_errors=True)
+            return
 
     def _fit(self, task: Task, scaling, shipped) -> dict[str, Any]:
         workers, cpus, gpus = scaling
@@ -166,6 +233,9 @@ class RayRunner:
         result = trainer.fit()
         if not task.done():
             self._materialise(result.checkpoint, Path(task.out_dir))
+            why = task.damage()
+            if why is not None:
+                raise RuntimeError(f"{task.name}: {why} in {task.out_dir} after its Ray run")
         out = task.result()
         out["ray"] = {"run_name": name, "storage_path": self.storage, "node_id": out.get("node_id")}
         return out
@@ -180,7 +250,7 @@ class RayRunner:
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=out_dir))
         try:
             checkpoint.to_directory(str(tmp))
-            files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "task.json")
+            files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "task.json" and _output_copy(p))
             for p in sorted(files, key=lambda p: p.name == "metrics.json"):
                 os.replace(p, out_dir / p.name)
         finally:
@@ -261,16 +331,19 @@ def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
         return
     result_file = Path(task.out_dir) / "metrics.json"
     if result_file.is_file():  # the node it ran on, for the record
-        import json
-
         doc = json.loads(result_file.read_text())
         doc["node_id"] = ray.get_runtime_context().get_node_id()
-        result_file.write_text(json.dumps(doc, indent=2))
+        atomic.write_text(result_file, json.dumps(doc, indent=2))
     with tempfile.TemporaryDirectory(prefix="supersub-outputs-") as tmp:
         for p in Path(task.out_dir).iterdir():
-            if p.is_file():
+            if p.is_file() and _output_copy(p):
                 shutil.copy2(p, tmp)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _output_copy(p: Path) -> bool:
+    """Whether a file of a task's folder travels with its outputs (not the lock, not a temp file)."""
+    return not p.name.startswith(".") and not atomic.temp_pattern.match(p.name)
 
 
 def _localise(task: Task, config: dict[str, Any], scratch: list[str]) -> Task:
