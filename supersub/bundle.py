@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
+from supersub.atomic import fsync_dir, fsync_tree
 from supersub.config import from_dict, to_dict
 from supersub.delta import DeltaConfig, PackedDelta
 from supersub.errors import BundleError
@@ -143,9 +144,16 @@ def write_bundle(
     k = _key(key)
     if k:
         (tmp / SIGNATURE_FILE).write_text(_sign(data, k) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    fsync_tree(tmp)  # every byte on disk before the rename that publishes them
+    if out_dir.exists():  # the old bundle set aside first: at any moment one whole bundle or none
+        old = out_dir.with_name(out_dir.name + f".old.tmp{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
     return manifest
 
 

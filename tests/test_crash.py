@@ -7,6 +7,7 @@ recovery are tested in tests/test_jobs.py."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -306,3 +307,26 @@ def test_sigint_and_sigterm_stop_the_job_mark_runs_killed_and_a_rerun_continues(
     assert any(x.startswith("vanilla: resumed after epoch") and not x.endswith("epoch 0") for x in lines), lines
     runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 4
+
+
+# ----------------------------------------------------------------------------- runner identity
+def test_the_runner_enters_a_task_identity_unless_it_is_ray(trained, tmp_path):
+    """The local runner and Ray Train workers do not compute bit for bit alike, so a folder
+    continued with the other runner must train anew rather than mix their weights; tasks trained
+    on Ray (the old default) keep their fingerprints."""
+    from supersub.pipeline import run_pipeline
+
+    cfg, data, _ = trained
+    local = network_task("vanilla", "fine", cfg, data, tmp_path)
+    on_ray = network_task("vanilla", "fine", tiny("resources.runner=ray"), data, tmp_path)
+    assert local.identity()["runner"] == "local" and "runner" not in on_ray.identity()
+    assert local.fingerprint() != on_ray.fingerprint() and local.out_dir != on_ray.out_dir
+    # a task's runner survives the round trip to a worker
+    assert type(local).from_dict(local.to_dict()).fingerprint() == local.fingerprint()
+    # run_pipeline names the runner that actually trains (here the in-process default)
+    cfg_ray = tiny("resources.runner=ray", "specialist.optim.epochs=1", "train.epochs=1", "baselines.vanilla_long=false",
+                   "baselines.delta_all=false")
+    metrics = run_pipeline(cfg_ray, tmp_path / "run", log=lambda s: None)
+    assert load_config(PipelineConfig, tmp_path / "run" / "config.yaml").resources.runner == "local"
+    assert all("-" in Path(f).name for f in metrics["tasks"].values())
+    assert json.loads((Path(metrics["tasks"]["vanilla"]) / "task.json").read_text())["identity"]["runner"] == "local"
