@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from supersub import atomic
+
 T = TypeVar("T")
 
 
@@ -222,7 +224,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:

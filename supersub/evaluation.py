@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from supersub import atomic
 from supersub.cost import latency, network_flops, pass_flops, two_stage_flops
 from supersub.data.loaders import LoaderSpec, make_loader
 from supersub.hierarchy import Hierarchy
@@ -306,6 +307,7 @@ def save_predictions(path, uris: list[str], labels: torch.Tensor, probs: dict[st
         cols[f"pred_{name}"] = pa.array(pred.int().numpy())
         cols[f"prob_{name}"] = pa.array(p.gather(1, pred[:, None]).squeeze(1).float().numpy())
         cols[f"true_prob_{name}"] = pa.array(p.gather(1, labels[:, None].long()).squeeze(1).float().numpy())
-    pq.write_table(pa.table(cols), path)
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
 
 

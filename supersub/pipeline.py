@@ -76,7 +76,7 @@ def prepare_data(cfg: PipelineConfig, base: Path, log=print, keyed: bool = False
     )
     if cfg.data.max_train_per_class is not None:
         _limit_train(data_dir, cfg.data.max_train_per_class)
-    stamp.write_text(json.dumps(spec))
+    atomic.write_text(stamp, json.dumps(spec))  # the data are ready: the last rename
     return data_dir
 
 

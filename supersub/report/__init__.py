@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from supersub import atomic
 from supersub.config import ConfigError
 from supersub.report.html import render_html
 from supersub.report.sections import Section, clean, read_tune
@@ -66,8 +67,8 @@ def write_report(run: str, out: str | Path, *, model: str | None = None, gallery
     report = clean({"format_version": FORMAT_VERSION, "run": run, "kind": kind, "model": model,
                     "title": sources[0].name if len(sources) == 1 else Path(run).name, "study": study,
                     "sections": sections, "mlflow_run_id": sources[0].mlflow_run_id})
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
-    (out / "index.html").write_text(render_html(report, out), encoding="utf-8")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
+    atomic.write_text(out / "index.html", render_html(report, out))  # UTF-8
     return report
 
 
