@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "command-line key=value pairs still win")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress lines too (the logs keep them anyway)")
+    p.add_argument("--plan", action="store_true", help="print every task with its images, resources, estimated wall "
+                   "time and the job's GPU-hours, and train nothing (--out optional: a manifest built there is reused)")
+    p.add_argument("--plan-throughput", metavar="JSON", help="--plan's rates: {train_images_per_s, "
+                   "decode_images_per_s_per_cpu} or benchmarks/data_throughput.py's JSON (default: measured here)")
+    p.add_argument("--plan-json", metavar="FILE", help="--plan: also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. delta.bits=4")
     return p
 
@@ -155,11 +160,29 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dic
             ray.shutdown()
 
 
+def plan(args: argparse.Namespace) -> int:
+    """``--plan``: :func:`supersub.plan.make_plan` printed (and ``--plan-json``), nothing trained."""
+    from supersub.plan import format_plan, make_plan
+
+    try:
+        cfg = load(args)
+        result = make_plan(cfg, Path(args.out).absolute() if args.out else None, args.plan_throughput,
+                           log=lambda s: print(s, flush=True))
+    except UserError as e:
+        return fail(e, "jobs.pipeline")
+    print(format_plan(result), flush=True)
+    if args.plan_json:
+        Path(args.plan_json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.help_config:
         print(help_config())
         return 0
+    if args.plan:
+        return plan(args)
     if not args.out:
         return fail(ConfigError("--out is required"), "jobs.pipeline")
     try:

@@ -1,0 +1,417 @@
+"""The bill before the cluster: every task a pipeline config would run, the images it reads, its
+resources, its estimated wall time and the job's GPU-hours — training nothing (issue 22).
+
+The tasks are the pipeline's own (:mod:`supersub.pipeline`'s constructors, stage by stage as
+:func:`supersub.pipeline.run_pipeline` runs them); a task's images come from its loader specs
+and budget (:func:`supersub.pipeline.planned_images` for training, one pass over its ``val``
+loader per epoch for validation), so whatever task kinds the pipeline builds are planned alike.
+
+Images come from the manifest when there is one (``data.manifest``, or built from a reachable
+source into ``--out``, where the run will reuse it). Where the source cannot be read from the
+planning machine (the README's ImageNet command, planned on a laptop), they are counted from the
+hierarchy and ILSVRC-2012's known size — 1,281,167 training images over 1,000 classes (1,281 a
+class on average, most have 1,300), 50 validation images a class — split as the build would
+(``data.val_fraction`` of each class's training images held out as ``val``, ILSVRC's own
+validation set as ``test``), and the plan says so.
+
+Time: a task's training images at ``min(GPU rate, decode rate)`` of its workers, its validation
+images at three times the GPU rate (a forward is about a third of a training step) under the same
+decode bound. The rates are a file's (``--plan-throughput``) or measured here: the configured
+network's training steps on this machine's device, and the uint8 tensor decode path on a
+synthetic 500×375 JPEG (ImageNet's most common size). Stages run in turn; the tasks of a stage run
+concurrently on the cluster the config implies (the network tasks' ``num_workers × GPUs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supersub.config import ConfigError
+from supersub.data.loaders import LoaderSpec, select
+from supersub.hierarchy import Hierarchy
+from supersub.pipeline_config import PipelineConfig
+from supersub.tasks import DataOptions
+
+ILSVRC2012_TRAIN = 1_281_167  # training images, 1,000 classes
+ILSVRC2012_CLASSES = 1000
+ILSVRC2012_VAL_PER_CLASS = 50
+EVAL_SPEEDUP = 3.0  # a forward pass against a training step (forward + backward ≈ 3 forwards)
+
+
+@dataclass
+class Throughput:
+    """Rates a plan uses; ``source`` says where each came from."""
+
+    train_per_worker: float  # training images/s of one worker (one device) for the model and size
+    decode_per_cpu: float  # training samples/s one CPU decodes and augments
+    source: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PlannedTask:
+    stage: str
+    name: str
+    kind: str
+    train_images: int
+    val_images: int
+    workers: int
+    cpus: float  # per worker
+    gpus: float  # per worker
+    hours: float = 0.0
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.hours * self.workers * self.gpus
+
+    @property
+    def cpu_hours(self) -> float:
+        return self.hours * self.workers * self.cpus
+
+
+class CountedSplits:
+    """The parts of a :class:`supersub.data.Manifest` a plan reads (``indices``, ``subclass``,
+    ``superclass``, ``hierarchy``), counted from the hierarchy and a dataset's known size."""
+
+    def __init__(self, hierarchy: Hierarchy, train_per_class: float, val_fraction: float, test_per_class: int) -> None:
+        self.hierarchy = hierarchy
+        n = hierarchy.num_subclasses
+        per = int(round(train_per_class))
+        n_val = int(round(per * val_fraction))
+        counts = {"train": per - n_val, "val": n_val, "test": test_per_class}
+        sub = [np.repeat(np.arange(n, dtype=np.int32), c) for c in counts.values()]
+        self.subclass = np.concatenate(sub)
+        coarse = np.empty(n, dtype=np.int32)
+        for s, members in enumerate(hierarchy.coarse_to_fine):
+            coarse[members] = s
+        self.superclass = coarse[self.subclass]
+        bounds = np.cumsum([0, *(c * n for c in counts.values())])
+        self._rows = {k: np.arange(bounds[i], bounds[i + 1]) for i, k in enumerate(counts)}
+        self.fingerprint = "counted"
+
+    def indices(self, split: str) -> np.ndarray:
+        return self._rows[split]
+
+    def counts(self) -> dict[str, int]:
+        return {k: int(v.size) for k, v in self._rows.items()}
+
+
+# ----------------------------------------------------------------------------- tasks
+@contextlib.contextmanager
+def _networks_not_yet_trained():
+    """The pipeline's constructors hash the networks a task starts from (its fingerprint); a plan
+    builds tasks before any network exists and needs none of their fingerprints."""
+    from supersub import pipeline
+
+    saved = pipeline.network_hash
+    pipeline.network_hash = lambda folder: "planned"
+    try:
+        yield
+    finally:
+        pipeline.network_hash = saved
+
+
+def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy, manifest, root: Path) -> list[tuple[str, list]]:
+    """``[(stage, tasks)]`` in the order :func:`supersub.pipeline.run_pipeline` runs them, built
+    by its own constructors. ``baselines.ensemble=auto`` is planned at the members hard routing
+    pays for (the served model's FLOPs decide it after evaluation)."""
+    from supersub import pipeline as p
+
+    own = cfg.generalist.kind == "own"
+    learned = cfg.data.hierarchy.startswith("learned:")
+    with _networks_not_yet_trained():
+        vanilla = p.network_task("vanilla", "fine", cfg, data, root)
+        extra: dict[str, list] = {}
+        if cfg.baselines.scaled:
+            scaled = dataclasses.replace(cfg.model, width=cfg.baselines.scaled_width, depths=cfg.baselines.scaled_depths)
+            extra["vanilla_scaled"] = [p.network_task("vanilla_scaled", "fine", cfg, data, root, model=scaled)]
+        if cfg.baselines.ensemble not in ("off", "auto"):
+            extra["ensemble"] = p.ensemble_members(cfg, data, root, int(cfg.baselines.ensemble))
+        generalist = p.network_task("generalist", "coarse", cfg, data, root) if own else None
+        base = [vanilla] + [t for ts in extra.values() for t in ts if t.out_dir != vanilla.out_dir]
+        stages: list[tuple[str, list]] = [("base networks", base + ([generalist] if generalist and not learned else []))]
+        if learned and generalist is not None:
+            stages.append(("generalist on the learned hierarchy", [generalist]))
+        b = p.BaseNetworks(data, data, hierarchy, vanilla, generalist, extra)
+        specialists = p.specialist_tasks(cfg, b, root)
+        spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
+        second: list = list(specialists)
+        router = p.router_task(cfg, b, root) if hasattr(p, "router_task") else None
+        if router is not None:
+            second.append(router)
+        if cfg.baselines.delta_all:
+            second.append(p.specialist_task(cfg, None, data, root, vanilla.out_dir, vanilla.out_dir, train_images=spec_images))
+        if cfg.baselines.vanilla_long:
+            vanilla_images = p.planned_images(vanilla, hierarchy, manifest)
+            second.append(p.network_task("vanilla_long", "fine", cfg, data, root, train_images=vanilla_images + spec_images))
+        stages.append(("specialists and controls", second))
+        if cfg.baselines.ensemble == "auto":
+            members = p.ensemble_members(cfg, data, root, p.ensemble_size(2.0))[1:]
+            if members:
+                stages.append(("ensemble (auto: planned for hard routing)", members))
+    return stages
+
+
+def val_passes(task, manifest) -> tuple[int, int]:
+    """``(epochs, val images per epoch)`` of a task: ``fit`` evaluates ``val`` after every epoch."""
+    from supersub.fit import schedule_steps
+
+    specs: dict[str, LoaderSpec] = task.loader_specs()
+    h = manifest.hierarchy
+    spec = specs["train"]
+    rows = manifest.indices("train")
+    n_sub = len(h.superclasses[spec.superclass].subclasses) if spec.superclass is not None else 0
+    per_epoch = select(manifest.subclass[rows], manifest.superclass[rows], spec, n_sub, 0)[0].size
+    steps = max(1, per_epoch // spec.batch_size)
+    budget = getattr(task, "train_images", None)
+    epochs = schedule_steps(task.optim, steps, 1, budget)[1] if budget is not None else task.optim.epochs
+    vspec = specs.get("val")
+    if vspec is None:
+        return epochs, 0
+    vrows = manifest.indices(vspec.split)
+    v_sub = len(h.superclasses[vspec.superclass].subclasses) if vspec.superclass is not None else 0
+    return epochs, select(manifest.subclass[vrows], manifest.superclass[vrows], vspec, v_sub, 0)[0].size
+
+
+def plan_tasks(cfg: PipelineConfig, manifest, root: Path) -> list[PlannedTask]:
+    """Every task with its images and resources (hours still 0: see :func:`estimate`)."""
+    from supersub.pipeline import planned_images
+
+    hierarchy = manifest.hierarchy
+    data = DataOptions("planned", manifest.fingerprint, cfg.data.image_size)
+    out = []
+    for stage, tasks in pipeline_stages(cfg, data, hierarchy, manifest, root):
+        for t in tasks:
+            epochs, val = val_passes(t, manifest)
+            workers, cpus, gpus = cfg.resources.scaling(t.resources)
+            out.append(PlannedTask(stage, t.name, t.kind, planned_images(t, hierarchy, manifest), epochs * val,
+                                   workers, cpus, gpus))
+    return out
+
+
+# ----------------------------------------------------------------------------- time
+def estimate(tasks: list[PlannedTask], rates: Throughput, decode_bound: bool = True) -> None:
+    """Fills each task's ``hours``: training at ``workers × min(rate × GPU share, CPUs × decode)``,
+    validation at three times the device rate under the same decode bound."""
+    for t in tasks:
+        device = rates.train_per_worker * (min(t.gpus, 1.0) if t.gpus > 0 else 1.0)
+        decode = t.cpus * rates.decode_per_cpu if decode_bound else math.inf
+        train = t.workers * min(device, decode)
+        val = t.workers * min(device * EVAL_SPEEDUP, decode)
+        t.hours = (t.train_images / train + t.val_images / val) / 3600
+
+
+def job_hours(tasks: list[PlannedTask], cluster_gpus: float, cluster_cpus: float) -> float:
+    """Stages in turn; a stage's tasks share the cluster: the longer of its longest task and its
+    device-hours spread over the cluster."""
+    total = 0.0
+    for stage in dict.fromkeys(t.stage for t in tasks):
+        ts = [t for t in tasks if t.stage == stage]
+        spread = (sum(t.gpu_hours for t in ts) / cluster_gpus if cluster_gpus > 0
+                  else sum(t.cpu_hours for t in ts) / max(cluster_cpus, 1e-9))
+        total += max(max(t.hours for t in ts), spread)
+    return total
+
+
+# ----------------------------------------------------------------------------- rates
+def load_throughput(path: str | Path) -> dict[str, Any]:
+    """A throughput file: ``{"train_images_per_s": R, "decode_images_per_s_per_cpu": D}`` (per
+    worker / per CPU; either may be left out), or the JSON ``benchmarks/data_throughput.py`` writes
+    (its ``tensor`` per-core median is the decode rate)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--plan-throughput {path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--plan-throughput {path}: expected a JSON object")
+    out: dict[str, Any] = {}
+    if "train_images_per_s" in doc:
+        out["train_per_worker"] = float(doc["train_images_per_s"])
+    if "decode_images_per_s_per_cpu" in doc:
+        out["decode_per_cpu"] = float(doc["decode_images_per_s_per_cpu"])
+    cpu = doc.get("cpu", {}).get("tensor/1proc")
+    if cpu and "decode_per_cpu" not in out:
+        out["decode_per_cpu"] = float(cpu["per_core"]["median"])
+    if not out:
+        raise ConfigError(f"--plan-throughput {path}: no train_images_per_s, decode_images_per_s_per_cpu "
+                          "or data_throughput.py figures in it")
+    out["label"] = str(doc.get("device", path.name))
+    return out
+
+
+def measure_train_rate(cfg: PipelineConfig, num_classes: int, steps: int = 2, batch: int = 8) -> tuple[float, str]:
+    """Training images/s of the configured network at the configured size on this machine's
+    device (``cfg.device``), ``amp`` and ``channels_last`` as configured; a small batch."""
+    import torch
+
+    from supersub.models import build_model
+    from supersub.train import amp_dtype, build_optimizer, pick_device, use_channels_last
+
+    device = pick_device(cfg.device)
+    s = cfg.data.image_size
+    model = build_model(cfg.model, num_classes, s).to(device)
+    cl = use_channels_last(cfg.train, device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg.train)
+    dtype = amp_dtype(cfg.train, device)
+    x = torch.randn(batch, 3, s, s, device=device)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return batch / min(times), f"{cfg.model.backbone} @ {s} px, batch {batch}, on {device}"
+
+
+def measure_decode_rate(image_size: int, seconds: float = 1.0) -> float:
+    """Training samples/s of one CPU through the uint8 tensor path on a synthetic 500×375 JPEG."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from supersub.data.dataset import TensorTrainTransform
+    from supersub.data.images import decode_tensor
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    img = np.stack([xx * 0.5, yy * 0.6, (xx + yy) * 0.3], -1) + rng.normal(0, 20, (375, 500, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    augment = TensorTrainTransform(image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        augment(decode_tensor(data).tensor)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            augment(decode_tensor(data).tensor)
+            n += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- the plan
+def _hierarchy_offline(cfg: PipelineConfig) -> Hierarchy:
+    from supersub.hierarchy import load_hierarchy
+
+    spec = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    try:
+        return load_hierarchy(spec, imagenet_meta=cfg.data.imagenet_meta)
+    except Exception as e:  # noqa: BLE001 - said in one line below
+        raise ConfigError(f"--plan: the source {cfg.data.source} is not reachable from here and the hierarchy "
+                          f"{spec!r} cannot be read without it ({e})") from None
+
+
+def plan_manifest(cfg: PipelineConfig, out: Path | None, log=print) -> tuple[Any, str]:
+    """The manifest to count on and a line saying where the counts come from."""
+    from supersub.data import load_manifest
+    from supersub.data.sources import check_source
+    from supersub.errors import DataError
+    from supersub.pipeline import prepare_data
+
+    if cfg.data.manifest:
+        return load_manifest(cfg.data.manifest), f"counts from the manifest {cfg.data.manifest}"
+    try:
+        check_source(cfg.data.source)
+        reachable = True
+    except DataError:
+        reachable = False
+    if reachable:
+        base = out if out is not None else Path(tempfile.mkdtemp(prefix="supersub-plan-"))
+        data_dir = prepare_data(cfg, base, log)
+        where = "(the run will reuse it)" if out is not None else "(a temporary folder)"
+        return load_manifest(data_dir), f"counts from the manifest built from {cfg.data.source} in {data_dir} {where}"
+    h = _hierarchy_offline(cfg)
+    per = ILSVRC2012_TRAIN / ILSVRC2012_CLASSES
+    counted = CountedSplits(h, per, cfg.data.val_fraction, ILSVRC2012_VAL_PER_CLASS)
+    c = counted.counts()
+    if cfg.data.max_train_per_class is not None:
+        raise ConfigError("--plan: data.max_train_per_class with an unreachable source is not counted; build the "
+                          "manifest first (data.manifest=DIR)")
+    return counted, (f"the source {cfg.data.source} is not reachable from this machine: counted from the hierarchy "
+                     f"{h.name!r} ({h.num_subclasses} classes) and ILSVRC-2012's size (1,281,167 training images "
+                     f"over 1,000 classes: {per:,.0f} a class; {ILSVRC2012_VAL_PER_CLASS} validation images a class), "
+                     f"split as the build would: train {c['train']:,}, val {c['val']:,}, test {c['test']:,}")
+
+
+def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Path | None = None, log=print) -> dict[str, Any]:
+    """The plan as a dict (``tasks``, ``totals``, ``rates``, ``counts``) — see the module doc."""
+    manifest, counts_from = plan_manifest(cfg, out, log)
+    tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")
+    given = load_throughput(throughput) if throughput else {}
+    source = {}
+    if "train_per_worker" in given:
+        train_rate = given["train_per_worker"]
+        source["train"] = f"from {throughput} ({given['label']})"
+    else:
+        train_rate, what = measure_train_rate(cfg, manifest.hierarchy.num_subclasses)
+        source["train"] = f"measured here: {what}"
+    # The tensors loader decodes a split once per run, not per epoch: no decode bound.
+    in_memory = cfg.data.loader == "tensors" or (cfg.data.loader == "auto" and cfg.data.image_size <= 64)
+    if "decode_per_cpu" in given:
+        decode_rate = given["decode_per_cpu"]
+        source["decode"] = f"from {throughput}"
+    else:
+        decode_rate = measure_decode_rate(cfg.data.image_size)
+        source["decode"] = "measured here: uint8 tensor path, one CPU, a synthetic 500×375 JPEG"
+    rates = Throughput(train_rate, decode_rate, source)
+    estimate(tasks, rates, decode_bound=not in_memory)
+    workers, cpus, gpus = cfg.resources.scaling("network")
+    cluster_gpus, cluster_cpus = workers * gpus, workers * cpus
+    return {
+        "config": cfg.name,
+        "counts_from": counts_from,
+        "counts": manifest.counts(),
+        "rates": {"train_images_per_s_per_worker": train_rate, "decode_images_per_s_per_cpu": decode_rate,
+                  "decode_bound": not in_memory, "source": source},
+        "cluster": {"gpus": cluster_gpus, "cpus": cluster_cpus},
+        "tasks": [{**dataclasses.asdict(t), "gpu_hours": t.gpu_hours, "cpu_hours": t.cpu_hours} for t in tasks],
+        "totals": {"train_images": sum(t.train_images for t in tasks), "val_images": sum(t.val_images for t in tasks),
+                   "gpu_hours": sum(t.gpu_hours for t in tasks), "cpu_hours": sum(t.cpu_hours for t in tasks),
+                   "wall_hours": job_hours(tasks, cluster_gpus, cluster_cpus)},
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    rows = [f"plan of {plan['config']}: {plan['counts_from']}",
+            f"rates: {plan['rates']['train_images_per_s_per_worker']:,.1f} training images/s a worker "
+            f"({plan['rates']['source']['train']}); {plan['rates']['decode_images_per_s_per_cpu']:,.0f} decoded "
+            f"images/s a CPU ({plan['rates']['source']['decode']})"
+            + ("" if plan["rates"]["decode_bound"] else "; in-memory tensors loader: no decode bound"),
+            "",
+            f"{'stage':<28}{'task':<20}{'train images':>14}{'val images':>12}{'resources':>24}{'hours':>9}{'GPU-h':>9}"]
+    for t in plan["tasks"]:
+        res = f"{t['workers']} × ({t['cpus']:g} CPU, {t['gpus']:g} GPU)"
+        rows.append(f"{t['stage'][:27]:<28}{t['name'][:19]:<20}{t['train_images']:>14,}{t['val_images']:>12,}"
+                    f"{res:>24}{t['hours']:>9.2f}{t['gpu_hours']:>9.2f}")
+    tot, cl = plan["totals"], plan["cluster"]
+    rows += ["",
+             f"total: {tot['train_images']:,} training + {tot['val_images']:,} validation images, "
+             f"{tot['gpu_hours']:,.1f} GPU-hours, {tot['cpu_hours']:,.1f} CPU-hours; "
+             f"about {tot['wall_hours']:,.1f} h of wall time on {cl['gpus']:g} GPUs / {cl['cpus']:g} CPUs "
+             "(stages in turn, a stage's tasks side by side; evaluation and start-up not included)"]
+    return "\n".join(rows)
