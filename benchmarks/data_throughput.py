@@ -19,8 +19,10 @@ Parquet), one training sample = encoded bytes → RandomResizedCrop(224) + flip:
 Each CPU path runs in 1 and in 2 processes at once (one thread each) for ``--repeats`` passes over
 the 200 images per process; a round runs every (processes, path) pair, alternating the order of
 the paths from round to round (A B, B A, ...), and ``--rounds`` rounds give a median and the
-spread (min–max). ``/proc/loadavg`` is read before and after every round: the figures are only as
-good as the machine was quiet. Then the Ray Data input path (``jobs.ray_data.decode_batch``, as
+spread (min–max). The per-core rate is images per CPU-second of the worker processes (their
+``time.process_time``): on a shared machine a process waiting for a core is not charged for the
+wait, where wall-clock rates (also printed) move with everything else running. ``/proc/loadavg``
+is read before and after every round. Then the Ray Data input path (``jobs.ray_data.decode_batch``, as
 ``data.loader=ray_data`` builds it) on a local Ray with 1 and with 2 CPUs.
 
     .venv/bin/python benchmarks/data_throughput.py                   # table
@@ -79,17 +81,19 @@ def _worker(name: str, datas: list[bytes], names: list[str], repeats: int, seed:
     fn = make_path(name)
     for d, n in zip(datas[:10], names[:10]):  # warm-up: lazy imports, first allocations
         fn(d, n)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     count = 0
     for _ in range(repeats):
         for d, n in zip(datas, names):
             fn(d, n)
             count += 1
-    out.put((count, t0, time.perf_counter()))
+    out.put((count, t0, time.perf_counter(), time.process_time() - c0))
 
 
-def run_cpu(name: str, procs: int, datas, names, repeats: int, seed: int) -> float:
-    """Images/s of ``procs`` processes together (each one thread)."""
+def run_cpu(name: str, procs: int, datas, names, repeats: int, seed: int) -> tuple[float, float]:
+    """``(images per CPU-second, wall-clock images/s)`` of ``procs`` processes together (one
+    thread each). Per CPU-second is the per-core rate that other work on the machine disturbs
+    least: a process that waits for a core is not charged for the wait."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     ps = [ctx.Process(target=_worker, args=(name, datas, names, repeats, seed + i, q)) for i in range(procs)]
@@ -99,7 +103,7 @@ def run_cpu(name: str, procs: int, datas, names, repeats: int, seed: int) -> flo
     for p in ps:
         p.join()
     n = sum(r[0] for r in results)
-    return n / (max(r[2] for r in results) - min(r[1] for r in results))
+    return n / sum(r[3] for r in results), n / (max(r[2] for r in results) - min(r[1] for r in results))
 
 
 def run_gpu(datas, repeats: int, batch: int = 256) -> float | None:
@@ -132,14 +136,27 @@ def summary(values: list[float]) -> dict[str, float | list[float]]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def _timed_decode_batch(batch, **kwargs):
+    """``jobs.ray_data.decode_batch`` plus the CPU time it took (column ``cpu_s``, per row)."""
+    import numpy as np
+
+    from jobs.ray_data import decode_batch
+
+    c0 = time.process_time()
+    out = decode_batch(batch, **kwargs)
+    out["cpu_s"] = np.full(len(out["row"]), (time.process_time() - c0) / max(1, len(out["row"])))
+    return out
+
+
 def run_ray_data(shard: str, n_images: int, cpus: int, passes: int) -> dict:
-    """Images/s of the Ray Data training input path on a local Ray with ``cpus`` CPUs."""
+    """Wall-clock images/s of the Ray Data training input path on a local Ray with ``cpus`` CPUs,
+    and images per CPU-second spent inside its decode tasks."""
     import numpy as np
     import pyarrow as pa
     import ray
     import ray.data
 
-    from jobs.ray_data import BLOCK_ROWS, DECODE_CPUS, decode_batch
+    from jobs.ray_data import BLOCK_ROWS, DECODE_CPUS
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
@@ -151,19 +168,21 @@ def run_ray_data(shard: str, n_images: int, cpus: int, passes: int) -> dict:
 
         def dataset():
             return ray.data.from_arrow(blocks).map_batches(
-                decode_batch, fn_kwargs={"meta": meta, "size": SIZE, "train": True},
+                _timed_decode_batch, fn_kwargs={"meta": meta, "size": SIZE, "train": True},
                 batch_size=64, batch_format="numpy", num_cpus=DECODE_CPUS,
             )
 
-        def one_pass() -> float:
-            t0, n = time.perf_counter(), 0
+        def one_pass() -> tuple[float, float]:
+            t0, n, cpu = time.perf_counter(), 0, 0.0
             for b in dataset().iter_batches(batch_size=256, batch_format="numpy"):
                 n += len(b["row"])
-            return n / (time.perf_counter() - t0)
+                cpu += float(b["cpu_s"].sum())
+            return n / (time.perf_counter() - t0), n / cpu
 
         one_pass()  # warm-up: worker processes, imports
-        rates = [one_pass() for _ in range(passes)]
-        return {**summary(rates), "decode_task_cpus": DECODE_CPUS, "rows_per_pass": int(rows.size)}
+        runs = [one_pass() for _ in range(passes)]
+        return {**summary([r[0] for r in runs]), "per_decode_cpu_s": summary([r[1] for r in runs]),
+                "decode_task_cpus": DECODE_CPUS, "rows_per_pass": int(rows.size)}
     finally:
         ray.shutdown()
 
@@ -187,28 +206,33 @@ def main(argv: list[str] | None = None) -> int:
     procs = [int(v) for v in args.procs.split(",")]
     say(f"{len(datas)} JPEGs from {shard}; {os.cpu_count()} CPUs; load average {loadavg()}")
     make_path("pil"), make_path("tensor")  # import torchvision before forking
-    rates: dict[tuple[str, int], list[float]] = {(n, k): [] for n in paths for k in procs}
+    rates: dict[tuple[str, int], list[float]] = {(n, k): [] for n in paths for k in procs}  # per CPU-second
+    walls: dict[tuple[str, int], list[float]] = {(n, k): [] for n in paths for k in procs}  # wall-clock, all procs
     loads = []
     for r in range(args.rounds):
         before = loadavg()
         order = paths if r % 2 == 0 else paths[::-1]
         for k in procs:
             for name in order:
-                rates[(name, k)].append(run_cpu(name, k, datas, names, args.repeats, seed=100 * r))
+                per_cpu_s, wall = run_cpu(name, k, datas, names, args.repeats, seed=100 * r)
+                rates[(name, k)].append(per_cpu_s)
+                walls[(name, k)].append(wall)
         loads.append({"round": r, "before": before, "after": loadavg()})
         say(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n}×{k} {rates[(n, k)][-1]:.0f}" for k in procs for n in paths)
-            + f" img/s; load {before[0]:.2f} → {loads[-1]['after'][0]:.2f}")
+            + f" img per CPU-s; load {before[0]:.2f} → {loads[-1]['after'][0]:.2f}")
     base = paths[0]
     result: dict = {"images": len(datas), "image_size": SIZE, "cpus": os.cpu_count(), "rounds": args.rounds,
-                    "repeats": args.repeats, "torch": torch.__version__, "loadavg": loads, "cpu": {}, "ratio": {}}
+                    "repeats": args.repeats, "torch": torch.__version__, "loadavg": loads, "cpu": {}, "ratio": {},
+                    "ratio_wall": {}}
     for k in procs:
         for n in paths:
-            per_core = [v / k for v in rates[(n, k)]]
-            result["cpu"][f"{n}/{k}proc"] = {"per_core": summary(per_core), "total_median": statistics.median(rates[(n, k)])}
+            result["cpu"][f"{n}/{k}proc"] = {"per_core": summary(rates[(n, k)]),
+                                             "wall_per_core": summary([v / k for v in walls[(n, k)]])}
         for n in paths[1:]:
             # Paired by round (the two ran back to back): the ratio's spread says how much load moved.
-            pairs = [a / b for a, b in zip(rates[(n, k)], rates[(base, k)])]
-            result["ratio"][f"{n}/{base}/{k}proc"] = summary(pairs)
+            result["ratio"][f"{n}/{base}/{k}proc"] = summary([a / b for a, b in zip(rates[(n, k)], rates[(base, k)])])
+            result["ratio_wall"][f"{n}/{base}/{k}proc"] = summary(
+                [a / b for a, b in zip(walls[(n, k)], walls[(base, k)])])
     gpu = run_gpu(datas, args.repeats * 5)
     result["gpu"] = None if gpu is None else {"images_per_s": gpu, "device": torch.cuda.get_device_name()}
     result["ray_data"] = {}
@@ -218,18 +242,21 @@ def main(argv: list[str] | None = None) -> int:
                                          "loadavg": {"before": before, "after": loadavg()}}
     result["loadavg_end"] = loadavg()
 
-    say(f"\n{'path':<14}{'procs':>6}{'img/s per core: median':>24}{'min–max':>14}{'× ' + base:>12}")
+    say(f"\n{'path':<14}{'procs':>6}{'img per CPU-s: median':>23}{'min–max':>14}{'× ' + base:>8}{' (min–max)':<13}"
+        f"{'wall img/s a proc':>19}{'× ' + base:>8}")
     for k in procs:
         for n in paths:
-            c = result["cpu"][f"{n}/{k}proc"]["per_core"]
-            ratio = result["ratio"].get(f"{n}/{base}/{k}proc")
-            say(f"{n:<14}{k:>6}{c['median']:>24.0f}{c['min']:>8.0f}–{c['max']:<5.0f}"
-                + (f"{ratio['median']:>8.2f} ({ratio['min']:.2f}–{ratio['max']:.2f})" if ratio else ""))
+            c, w = result["cpu"][f"{n}/{k}proc"]["per_core"], result["cpu"][f"{n}/{k}proc"]["wall_per_core"]
+            ratio, rw = result["ratio"].get(f"{n}/{base}/{k}proc"), result["ratio_wall"].get(f"{n}/{base}/{k}proc")
+            say(f"{n:<14}{k:>6}{c['median']:>23.0f}{c['min']:>8.0f}–{c['max']:<5.0f}"
+                + (f"{ratio['median']:>8.2f} ({ratio['min']:.2f}–{ratio['max']:.2f})" if ratio else " " * 21)
+                + f"{w['median']:>19.0f}" + (f"{rw['median']:>8.2f}" if rw else ""))
     if gpu is not None:
         say(f"gpu (nvJPEG + crop/flip/normalise on {result['gpu']['device']}): {gpu:.0f} img/s")
     for key, v in result["ray_data"].items():
-        say(f"ray data, {key}: median {v['median']:.0f} img/s ({v['min']:.0f}–{v['max']:.0f}), "
-            f"decode tasks of {v['decode_task_cpus']} CPU")
+        say(f"ray data, {key}: median {v['median']:.0f} img/s wall ({v['min']:.0f}–{v['max']:.0f}), "
+            f"{v['per_decode_cpu_s']['median']:.0f} img per CPU-s inside its decode tasks; decode tasks of "
+            f"{v['decode_task_cpus']} CPU; load {v['loadavg']['before'][0]:.1f} → {v['loadavg']['after'][0]:.1f}")
     say(f"load average at the end: {result['loadavg_end']}")
     if args.json:
         text = json.dumps(result, indent=2)
