@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import warnings
 
 VERBOSE_ENV = "SUPERSUB_VERBOSE"
 # For every worker of a job this process starts or joins (runtime_env env_vars).
@@ -57,11 +60,38 @@ def set_verbose(on: bool) -> dict[str, str]:
     return {**WORKER_ENV, VERBOSE_ENV: os.environ[VERBOSE_ENV]}
 
 
+# Ray messages that come with a traceback and that Ray itself calls harmless on a loaded machine:
+# the message and its traceback are dropped together (unless verbose).
+NOISY_TRACEBACKS = (
+    "Failed to send resource request for train-",  # Train's autoscaling client, CPU overloaded
+)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
 def keep_forwarded(line: str, pid) -> bool:
     """Whether a line a worker printed (forwarded to the driver by Ray) is shown, when not verbose."""
     if pid in ("raylet", "autoscaler", "gcs_server"):
         return False
     return not any(n in line for n in NOISE)
+
+
+def filter_lines(lines: list[str], pid) -> list[str]:
+    """The lines of one forwarded batch that are shown: :func:`keep_forwarded`, and the known
+    harmless messages with their tracebacks (up to the exception's own line) left out."""
+    kept, skipping = [], False
+    for line in lines:
+        if any(n in line for n in NOISY_TRACEBACKS):
+            skipping = True
+            continue
+        if skipping:
+            if line.startswith(("Traceback", " ", "\t")) or not line.strip():
+                continue
+            skipping = False
+            if _EXCEPTION_LINE.match(line):
+                continue  # the traceback's last line
+        if keep_forwarded(line, pid):
+            kept.append(line)
+    return kept
 
 
 def quiet_driver() -> None:
@@ -71,6 +101,9 @@ def quiet_driver() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING if not verbose() else logging.INFO)
     if verbose():
         return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    # MLflow's advice to its own users (type hints on predict, ambiguous dataset sources).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
     try:
         import functools
 
@@ -78,14 +111,16 @@ def quiet_driver() -> None:
 
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
         ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-        show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+        show = functools.partial(ray_worker.print_worker_logs, ignore_prefix=ignore_prefix)
     except (ImportError, AttributeError):
         return
 
     def filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if keep_forwarded(line, data.get("pid"))]
+        # Straight to the console, without Ray's de-duplication: it folds lines that differ only
+        # in their numbers — two specialists' epoch lines — into one "[repeated 2x]", later.
+        lines = filter_lines(data.get("lines", []), data.get("pid"))
         if lines:
-            show({**data, "lines": lines})
+            show({**data, "lines": lines}, sys.stderr if data.get("is_err") else sys.stdout)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", filtered)
