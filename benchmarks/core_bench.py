@@ -6,15 +6,27 @@ case for routed groups), it prints and (``--json FILE``) writes:
 
 * ``specialist_bytes_ratio`` — stored bytes of one specialist (the real safetensors file) / one network;
 * ``latency_ratio_hard`` / ``latency_ratio_soft`` — two-stage hard and soft top-2 routing, deltas
-  on every stage, against one vanilla forward on the same batch (median of ``--repeats``);
+  on every stage, against one vanilla forward on the same batch;
 * ``latency_ratio_shared_trunk`` — hard routing with deltas on ``layer4`` only: stem..layer3 run
   once for both stages;
 * ``flops_ratio_hard`` / ``flops_ratio_soft`` / ``flops_ratio_shared_trunk`` — FLOPs of those
   predictions (``torch.utils.flop_counter.FlopCounterMode`` over the whole batch) / one forward;
-* ``peak_memory_ratio`` — peak memory of a shared-trunk hard prediction / one forward: on CUDA
-  ``torch.cuda.max_memory_allocated``, on a CPU the process's peak resident-set increase over
-  what it held before loading the model, each measured in a fresh process (``--memory-probe``);
+* ``peak_memory_ratio`` — memory of a shared-trunk hard prediction / one forward, **counted by
+  the engine**: resident weights + packed deltas + decoded deltas held + the largest activation
+  set (:func:`supersub.cost.activation_peak_bytes`) — the same on every run; beside it
+  ``rss_peak_ratio``, the process's peak resident-set increase (each in a fresh process,
+  ``--memory-probe``; on CUDA ``torch.cuda.max_memory_allocated``), which a busy allocator moves;
 * ``resident_bytes_ratio`` — what the predictor keeps (network + packed deltas) / one network.
+
+**Timings that hold on a busy machine.** Every model is timed once per round, interleaved
+(A B C A B C ...), for ``--rounds`` rounds; a ratio is the median of the per-round ratios, with
+its spread (interquartile range / median, in ``latency``), and the load average is recorded. A
+ratio the work rules out — a two-stage model faster than one forward (its stage one *is* one
+forward), or the control (the same network timed twice, ``latency_ratio_control``) far from 1 —
+is written as ``null`` with ``latency[key].why``, and printed as unreliable, never as a result.
+
+To add a model: a callable in ``models`` (in :func:`main`) and a :class:`Pair` in ``PAIRS``
+(its key, what it is measured against, what it contains); the FLOPs column reads ``flops``.
 
     python benchmarks/core_bench.py --backbone resnet10 --width 0.5 --image-size 32 --batch 64 \\
         --superclasses 11 --subclasses 18 --json OUT.json
@@ -33,11 +45,20 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from supersub.cost import count_flops
+from supersub.cost import (
+    Ratio,
+    activation_peak_bytes,
+    count_flops,
+    interleaved,
+    load_average,
+    median_ms,
+    ratio,
+)
 from supersub.delta import DeltaConfig, PackedDelta, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.models import ModelConfig, build_model, state_bytes
@@ -81,20 +102,52 @@ def spread_routes(base, x: torch.Tensor) -> None:
     base.fc.bias.copy_(-(w / std) @ mean)
 
 
-def timed(fn, device, repeats: int, warmup: int = 3) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (CUDA-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+@dataclass(frozen=True)
+class Pair:
+    """One reported latency ratio: ``model`` against ``base`` (both keys of ``models``).
+
+    ``contains``: a timed model whose work ``model`` includes (its stage one), so ``model /
+    contains`` below 1 is a measurement error; ``at_least`` / ``near``: what the work allows for
+    ``model / base`` itself."""
+
+    key: str
+    model: str
+    label: str
+    base: str = "one_network"
+    contains: str | None = None
+    at_least: float | None = None
+    near: float | None = None
+
+
+PAIRS = [
+    # A two-stage prediction runs one whole vanilla forward (stage one) and then the specialists.
+    Pair("latency_ratio_hard", "two_stage_hard", "two-stage, hard", contains="stage_one", at_least=1.0),
+    Pair("latency_ratio_soft", "two_stage_soft2", "two-stage, soft top-2", contains="stage_one", at_least=1.0),
+    Pair("latency_ratio_shared_trunk", "shared_trunk_hard", "two-stage, hard, shared trunk", contains="stage_one",
+         at_least=1.0),
+    # The control: a copy of the same network. Far from 1, nothing this run timed can be trusted.
+    Pair("latency_ratio_control", "one_network_copy", "control: the same network again", near=1.0),
+]
+
+
+def latency_ratios(times: dict[str, list[float]], pairs: list[Pair] = PAIRS) -> dict[str, Ratio]:
+    """Every pair's :class:`Ratio`, each checked against the work (``contains``, ``at_least``,
+    ``near``) and all of them against the control."""
+    out = {}
+    for p in pairs:
+        r = ratio(times, p.model, p.base, at_least=p.at_least, near=p.near, why=f"{p.model} vs {p.base}")
+        if r.reliable and p.contains:
+            part = ratio(times, p.model, p.contains, at_least=1.0, max_spread=float("inf"),
+                         why=f"{p.model} includes {p.contains}")
+            if not part.reliable:
+                r.reliable, r.why = False, part.why
+        out[p.key] = r
+    control = out.get("latency_ratio_control")
+    if control is not None and not control.reliable:
+        for key, r in out.items():
+            if key != "latency_ratio_control" and r.reliable:
+                r.reliable, r.why = False, f"the control failed: {control.why}"
+    return out
 
 
 @torch.no_grad()
@@ -120,14 +173,15 @@ def time_breakdown(pred: TwoStagePredictor, x: torch.Tensor, device, repeats: in
     def group() -> None:
         pred.base.forward_head(pred.base.forward_stages_with(trunk[b], pred.first_stage, len(STAGES), {}, d.bn), d.head)
 
-    return {
-        "stage one": 1e3 * timed(lambda: pred.stage1(x), device, repeats),
-        f"{len(p.calls)} routed groups": 1e3 * timed(lambda: pred.specialists(trunk, p), device, repeats),
-        f"one group of {b.numel()}: forward": 1e3 * timed(group, device, repeats),
-        "one group: add and restore its delta": 1e3 * timed(patch, device, repeats),
-        "delta stages on the whole batch": 1e3 * timed(
-            lambda: pred.base.forward_head(pred.base.forward_stages(trunk, pred.first_stage, len(STAGES))), device, repeats),
-    }
+    times = interleaved({
+        "stage one": lambda: pred.stage1(x),
+        f"{len(p.calls)} routed groups": lambda: pred.specialists(trunk, p),
+        f"one group of {b.numel()}: forward": group,
+        "one group: add and restore its delta": patch,
+        "delta stages on the whole batch":
+            lambda: pred.base.forward_head(pred.base.forward_stages(trunk, pred.first_stage, len(STAGES))),
+    }, rounds=repeats, device=device)
+    return {k: median_ms(v) for k, v in times.items()}
 
 
 def _rss() -> int:
@@ -200,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", type=float, default=0.05)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rounds", "--repeats", dest="repeats", type=int, default=15,
+                   help="interleaved rounds: every model timed once a round")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--memory-probe", choices=["one", "two"], help=argparse.SUPPRESS)
@@ -230,15 +285,35 @@ def main(argv: list[str] | None = None) -> dict:
     pred = TwoStagePredictor(copy.deepcopy(base), h, full, "vanilla", device, amp=amp, cache_bytes=1 << 34)
     pred_late = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34)
     soft2 = Routing("soft", 2)
-    t_one = timed(one_network, device, args.repeats)
-    t_hard = timed(lambda: pred.predict(x, HARD), device, args.repeats)
-    t_soft = timed(lambda: pred.predict(x, soft2), device, args.repeats)
-    t_trunk = timed(lambda: pred_late.predict(x, HARD), device, args.repeats)
+    copy_net = copy.deepcopy(vanilla)
+
+    def one_network_copy():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            copy_net(x)
+
+    # Every timed model; PAIRS says which ratios are reported and what the work allows.
+    models = {
+        "one_network": one_network,
+        "one_network_copy": one_network_copy,
+        "stage_one": lambda: pred_late.stage1(x),
+        "two_stage_hard": lambda: pred.predict(x, HARD),
+        "two_stage_soft2": lambda: pred.predict(x, soft2),
+        "shared_trunk_hard": lambda: pred_late.predict(x, HARD),
+    }
+    load_before = load_average()
+    times = interleaved(models, rounds=args.repeats, warmup=2, device=device)
+    load_after = load_average()
+    ratios = latency_ratios(times)
     routed = int(pred.run(x, 1).routes.unique().numel())
     breakdown = time_breakdown(pred_late, x, device, args.repeats)
-    f_one = count_flops(one_network)
-    f_hard, f_soft = count_flops(lambda: pred.predict(x, HARD)), count_flops(lambda: pred.predict(x, soft2))
-    f_trunk = count_flops(lambda: pred_late.predict(x, HARD))
+    flops = {name: count_flops(fn) for name, fn in models.items()}
+    # Memory counted by the engine: weights and deltas it holds, and its largest activation set.
+    pred_late.predict(x, HARD)  # every routed delta decoded and held, as in serving
+    engine_one = net_bytes + activation_peak_bytes(vanilla, one_network)
+    engine_two = {"resident_weights": state_bytes(pred_late.base),
+                  "packed_deltas": sum(d.nbytes for d in late.values()),
+                  "decoded_deltas": pred_late.cached_bytes,
+                  "largest_activation_set": activation_peak_bytes(pred_late.base, lambda: pred_late.predict(x, HARD))}
     with tempfile.TemporaryDirectory(prefix="core-bench-") as tmp:
         torch.save(base.state_dict(), Path(tmp) / "base.pt")
         for s, d in late.items():
@@ -254,29 +329,39 @@ def main(argv: list[str] | None = None) -> dict:
         "specialist_bytes_ratio": bytes_full / net_bytes,
         "specialist_bytes_ratio_layer4": statistics.mean(d.nbytes for d in late.values()) / net_bytes,
         "resident_bytes_ratio": (net_bytes + sum(d.nbytes for d in late.values())) / net_bytes,
-        "one_network_ms": 1e3 * t_one, "two_stage_hard_ms": 1e3 * t_hard, "two_stage_soft2_ms": 1e3 * t_soft,
-        "shared_trunk_hard_ms": 1e3 * t_trunk,
-        "latency_ratio_hard": t_hard / t_one, "latency_ratio_soft": t_soft / t_one,
-        "latency_ratio_shared_trunk": t_trunk / t_one,
-        "flops_ratio_hard": f_hard / f_one, "flops_ratio_soft": f_soft / f_one, "flops_ratio_shared_trunk": f_trunk / f_one,
+        "load_average": [load_before, load_after], "rounds": args.repeats,
+        **{f"{name}_ms": median_ms(t) for name, t in times.items()},
+        # A ratio is null when unreliable; latency[key] has the measured value, spread and why.
+        **{key: r.value for key, r in ratios.items()},
+        "latency": {key: r.to_dict() for key, r in ratios.items()},
+        **{f"flops_{p.key[len('latency_'):]}": flops[p.model] / flops[p.base] for p in PAIRS},
         "specialists_per_batch": routed,
         "breakdown_ms_shared_trunk": breakdown,
-        "peak_one_network_mb": m_one / 2**20, "peak_shared_trunk_mb": m_two / 2**20, "peak_memory_ratio": m_two / m_one,
+        "engine_bytes_one_network": engine_one, "engine_bytes_shared_trunk": engine_two,
+        "peak_memory_ratio": sum(engine_two.values()) / engine_one,
+        "rss_peak_one_network_mb": m_one / 2**20, "rss_peak_shared_trunk_mb": m_two / 2**20,
+        "rss_peak_ratio": m_two / m_one,
     }
     print(f"device {fig['device']} ({fig['threads']} threads)  {args.backbone} x{args.width} @ {args.image_size}px  "
           f"batch {args.batch}, {args.superclasses} specialists of {args.subclasses} classes ({routed} in the batch), "
           f"keep {args.keep}, {args.bits} bits")
     print(f"  stored bytes / specialist      {bytes_full:>12,.0f}  = {fig['specialist_bytes_ratio']:.4f} of one network "
           f"({net_bytes:,} B)   [layer4 only: {fig['specialist_bytes_ratio_layer4']:.4f}]")
-    print(f"  {'':31}{'ms':>10}{'latency':>10}{'FLOPs':>8}   (x one vanilla forward)")
-    rows = [("one vanilla forward", t_one, 1.0), ("two-stage, hard", t_hard, fig["flops_ratio_hard"]),
-            ("two-stage, soft top-2", t_soft, fig["flops_ratio_soft"]),
-            ("two-stage, hard, shared trunk", t_trunk, fig["flops_ratio_shared_trunk"])]
-    for name, t, f in rows:
-        print(f"  {name:<31}{1e3 * t:>10.2f}{t / t_one:>9.2f}x{f:>7.2f}x")
+    print(f"  latency: median of {args.repeats} interleaved rounds; load average {load_before:.2f} -> {load_after:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"  {'':33}{'ms':>9}{'latency':>11}{'spread':>8}{'FLOPs':>8}   (x one vanilla forward)")
+    print(f"  {'one vanilla forward':<33}{median_ms(times['one_network']):>9.2f}{1:>10.2f}x{'':>8}{1:>7.2f}x")
+    for p in PAIRS:
+        r = ratios[p.key]
+        shown = f"{r.measured:>10.2f}x" if r.reliable else f"{'unreliable':>11}"
+        print(f"  {p.label:<33}{median_ms(times[p.model]):>9.2f}{shown}{100 * r.spread:>7.0f}%"
+              f"{flops[p.model] / flops[p.base]:>7.2f}x" + (f"   ({r.why})" if not r.reliable else ""))
     print("  shared trunk, where the time goes (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
-    print(f"  peak memory (shared trunk, hard) {fig['peak_shared_trunk_mb']:.1f} MiB vs {fig['peak_one_network_mb']:.1f} MiB "
-          f"for one forward = {fig['peak_memory_ratio']:.3f}x ({'CUDA allocator' if device.type == 'cuda' else 'CPU RSS'})")
+    print(f"  memory (shared trunk, hard), counted by the engine: {sum(engine_two.values()) / 2**20:.1f} MiB vs "
+          f"{engine_one / 2**20:.1f} MiB for one forward = {fig['peak_memory_ratio']:.3f}x "
+          f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in engine_two.items())} MiB)")
+    print(f"  peak {'CUDA allocator' if device.type == 'cuda' else 'RSS'} increase: {fig['rss_peak_shared_trunk_mb']:.1f} MiB "
+          f"vs {fig['rss_peak_one_network_mb']:.1f} MiB = {fig['rss_peak_ratio']:.3f}x (moves with the allocator and the load)")
     print(f"  resident (network + packed layer4 deltas) = {fig['resident_bytes_ratio']:.3f} networks")
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=2))

@@ -9,7 +9,11 @@ is then a recombination of those numbers, so calibration on ``val`` costs one pa
 * ``train_images`` — images through a network in training (forward + backward), every task that
   made the model counted;
 * ``flops_per_image`` — inference FLOPs (PyTorch's counter) on the real test routing;
-* ``latency_ratio`` — one test batch against the vanilla network's forward (measured here);
+* ``latency_ratio`` — one test batch against the vanilla network's forward, every model timed in
+  the same interleaved rounds (:func:`supersub.cost.interleaved`): the median of the per-round
+  ratios, ``None`` when the measurement cannot be right — a two-stage model faster than its own
+  stage one, a network far from the same architecture's time, rounds spread too wide — with the
+  measured value, spread and reason under ``latency`` and the load average in ``evaluation``;
 * ``delta_vs_vanilla`` — top-1 difference to the vanilla network with a paired bootstrap 95 %
   interval over the test images.
 """
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 
 from supersub import atomic
-from supersub.cost import latency, network_flops, pass_flops, two_stage_flops
+from supersub.cost import interleaved, load_average, network_flops, pass_flops, ratio, two_stage_flops
 from supersub.data.loaders import LoaderSpec, make_loader
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import (
@@ -170,17 +174,22 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     costs: dict[str, dict[str, Any]] = {}
     x1 = next(iter(loader(test_split)))[0][:64].to(device)  # one serving-sized batch for latency
     net_flops = network_flops(vanilla, inputs.image_size, device)
-    t_vanilla = latency(lambda: _forward(vanilla, x1), device=device) if evaluation.latency else None
+    # What each model's latency is timed on (all at the end, interleaved) and what its work allows:
+    # model -> (one call on x1, {"near"|"at_least": ratio to vanilla, "contains": a timed part}).
+    timers: dict[str, tuple[Any, dict[str, Any]]] = {"vanilla": (lambda: _forward(vanilla, x1), {})}
     costs["vanilla"] = {"bytes_in_networks": 1.0, "train_images": _train_images(inputs.vanilla_dir),
-                        "flops_per_image": net_flops, "latency_ratio": 1.0 if t_vanilla else None}
+                        "flops_per_image": net_flops, "latency_ratio": None}
     for name, dirs in inputs.baseline_dirs.items():
         nets = [load_network(d, order)[0].to(device) for d in dirs]
         probs[name] = torch.stack([network_probs(n, loader(test_split), device) for n in nets]).mean(0)
         flops = sum(network_flops(n, inputs.image_size, device) for n in nets)
         costs[name] = {"bytes_in_networks": sum(state_bytes(n) for n in nets) / vanilla_bytes,
                        "train_images": sum(_train_images(d) for d in dirs), "flops_per_image": flops,
-                       "latency_ratio": latency(lambda nets=nets: [_forward(n, x1) for n in nets], device=device) / t_vanilla
-                       if t_vanilla else None}
+                       "latency_ratio": None}
+        # Networks of the vanilla network's architecture (vanilla_long, the ensemble's members)
+        # cost what it does, each: a ratio far from their count is a measurement error.
+        same = flops == len(nets) * net_flops
+        timers[name] = (lambda nets=nets: [_forward(n, x1) for n in nets], {"near": len(nets)} if same else {})
         if name == "ensemble":
             costs[name]["members"] = len(nets)
 
@@ -198,11 +207,12 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
         d_bytes = load_packed(inputs.delta_all_dir).nbytes / vanilla_bytes
         one_pass = pass_flops(vanilla, all_pred.first_stage, inputs.image_size, device)
         trained = costs["vanilla"]["train_images"] + _train_images(inputs.delta_all_dir)
-        t_all = latency(lambda: all_pred.predict(x1, HARD), device=device) / t_vanilla if t_vanilla else None
+        # Pooled: the vanilla forward and a delta pass, so never faster than the vanilla network.
+        timers["delta_all_pooled"] = (lambda: all_pred.predict(x1, HARD), {"at_least": 1.0})
         costs["delta_all"] = {"bytes_in_networks": 1 + d_bytes, "train_images": trained, "flops_per_image": net_flops,
                               "latency_ratio": None}
         costs["delta_all_pooled"] = {"bytes_in_networks": 1 + d_bytes, "train_images": trained,
-                                     "flops_per_image": net_flops + one_pass, "latency_ratio": t_all, "alpha": alpha}
+                                     "flops_per_image": net_flops + one_pass, "latency_ratio": None, "alpha": alpha}
 
     # ---- the two-stage model under each routing
     stage1_flops, one_pass = two_stage_flops(predictor, inputs.image_size)
@@ -214,19 +224,24 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     reported = {f"two_stage_{f}": r for f, r in chosen.items()}
     if served_name == "two_stage_served":
         reported[served_name] = served
+    timers["stage1"] = (lambda: predictor.stage1(x1), {})
     for name, r in reported.items():
         probs[name] = combine(out, r)
         passes = specialist_passes(out, r)
-        t = latency(lambda r=r: predictor.predict(x1, r), device=device) / t_vanilla if t_vanilla else None
+        # A two-stage prediction runs its stage one and more: never faster than stage one alone.
+        # With the vanilla network as stage one, not faster than the vanilla network either.
+        timers[name] = (lambda r=r: predictor.predict(x1, r), {"contains": "stage1", **({"at_least": 1.0} if pools else {})})
         costs[name] = {"bytes_in_networks": total_bytes, "train_images": trained, "routing": str(r),
                        "specialist_passes_per_image": passes, "flops_per_image": stage1_flops + passes * one_pass,
-                       "latency_ratio": t}
+                       "latency_ratio": None}
     probs["two_stage_oracle"] = combine(oracle, HARD)
     costs["two_stage_oracle"] = {"bytes_in_networks": total_bytes, "train_images": trained, "routing": "oracle",
                                  "specialist_passes_per_image": 1.0, "flops_per_image": stage1_flops + one_pass,
                                  "latency_ratio": None}
     if own:  # the generalist alone: superclass accuracy
         gen_probs = network_probs(resident.to(device), loader(test_split), device)
+
+    timing = time_models(timers, costs, device) if evaluation.latency else None
 
     # ---- metrics, costs, intervals
     models, per_super = score_models(probs, labels, h, out, evaluation.bootstrap)
@@ -244,7 +259,8 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
         "serves": {"model": served_name, "routing": str(served)},
         "per_superclass": per_super,
         "flops": {"network": net_flops, "stage1": stage1_flops, "specialist_pass": one_pass},
-        "evaluation": {"batch_size": evaluation.batch_size, "top": top, "amp": str(amp) if amp else None},
+        "evaluation": {"batch_size": evaluation.batch_size, "top": top, "amp": str(amp) if amp else None,
+                       "latency": timing},
         "timings": dict(predictor.timings),
         # for the caller: predictions, the bundle
         "labels": labels,
@@ -253,6 +269,33 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
         "_router": router,
         "_deltas": deltas,
     }
+
+
+def time_models(timers: dict[str, tuple[Any, dict[str, Any]]], costs: dict[str, dict[str, Any]], device,
+                rounds: int = 7) -> dict[str, Any]:
+    """Every model's latency ratio to the vanilla network, timed interleaved in the same rounds
+    and checked against its work (``near``, ``at_least``, ``contains``); written into ``costs``.
+    Returns how: rounds, load average before and after, the models whose ratio is unreliable."""
+    before = load_average()
+    times = interleaved({name: fn for name, (fn, _) in timers.items()}, rounds=rounds, warmup=1, device=device)
+    after = load_average()
+    unreliable = {}
+    for name, (_, work) in timers.items():
+        if name == "vanilla" or name not in costs:
+            continue
+        r = ratio(times, name, "vanilla", near=work.get("near"), at_least=work.get("at_least"),
+                  why="the same architecture" if work.get("near") else f"{name} vs vanilla")
+        if r.reliable and work.get("contains"):
+            part = ratio(times, name, work["contains"], at_least=1.0, max_spread=float("inf"),
+                         why=f"faster than its own {work['contains']}")
+            if not part.reliable:
+                r.reliable, r.why = False, part.why
+        costs[name]["latency_ratio"] = r.value
+        costs[name]["latency"] = r.to_dict()
+        if not r.reliable:
+            unreliable[name] = r.why
+    costs["vanilla"]["latency_ratio"] = 1.0
+    return {"rounds": rounds, "load_average": [before, after], "unreliable": unreliable}
 
 
 def score_models(probs: dict[str, torch.Tensor], labels: torch.Tensor, h: Hierarchy, out: StageOutputs,

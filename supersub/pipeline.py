@@ -338,6 +338,7 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
         "serves": result["serves"],
         "per_superclass": result["per_superclass"],
         "flops": result["flops"],
+        "latency": result["evaluation"].get("latency"),  # rounds, load average, unreliable ratios
         "bytes": manifest_json["bytes"],
         "specialists": [{k: r.get(k) for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density",
                                                "wall_seconds", "train_images")} for r in specialist_results],
@@ -359,16 +360,24 @@ def format_summary(metrics: dict[str, Any]) -> str:
         d = m.get("delta_vs_vanilla")
         delta = f"{d['delta']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d else ""
         lat = m.get("latency_ratio")
+        lat_text = "unrel." if m.get("latency", {}).get("reliable") is False else \
+            f"{lat if lat is not None else float('nan'):.2f}"
         rows.append(
             f"{name:<24}{m['top1']:>7.2f}{delta:>24}{m['superclass_acc']:>7.2f}{m['crossing_error_share']:>8.1f}"
             f"{m.get('bytes_in_networks', float('nan')):>7.3f}{m.get('train_images', 0):>11,}"
-            f"{m.get('flops_ratio') or float('nan'):>7.2f}{lat if lat is not None else float('nan'):>8.2f}"
+            f"{m.get('flops_ratio') or float('nan'):>7.2f}{lat_text:>8}"
         )
     b = metrics["bytes"]
     rows.append(
         f"serves {metrics['serves']['model']} ({metrics['serves']['routing']}); bytes and FLOPs in vanilla networks; "
         f"specialist mean {b['mean_specialist_ratio']:.4f} of a network, total {b['total_in_networks']:.3f} networks"
     )
+    timing = metrics.get("latency")
+    if timing:
+        load = " -> ".join(f"{x:.1f}" for x in timing["load_average"])
+        rows.append(f"latency: median of {timing['rounds']} interleaved rounds, load average {load}"
+                    + ("; unreliable (not a result): " + "; ".join(f"{k} {v}" for k, v in timing["unreliable"].items())
+                       if timing["unreliable"] else ""))
     return "\n".join(rows)
 
 

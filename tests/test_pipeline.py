@@ -80,6 +80,15 @@ def test_every_model_comes_with_its_cost_and_the_controls_are_equal_cost(default
     assert d["low"] <= d["delta"] <= d["high"]
     # the chance level of the crossing share: (C - n) / (C - 1) for superclasses of n of C classes
     assert vanilla["crossing_error_chance"] == pytest.approx(100 * 6 / 8)
+    # latency: interleaved rounds; a ratio the work rules out is no result (None, with the reason)
+    assert metrics["latency"]["rounds"] == 7 and len(metrics["latency"]["load_average"]) == 2
+    for name in ("vanilla_long", "ensemble", "delta_all_pooled", "two_stage_hard", "two_stage_soft_pooled"):
+        lat = models[name]["latency"]
+        assert (models[name]["latency_ratio"] is None) == (not lat["reliable"]) == (name in metrics["latency"]["unreliable"])
+    for name in ("two_stage_hard", "two_stage_soft", "delta_all_pooled"):  # they run the vanilla forward and more
+        assert models[name]["latency_ratio"] is None or models[name]["latency_ratio"] >= 1.0, models[name]["latency"]
+    long = models["vanilla_long"]["latency_ratio"]  # the same network as vanilla
+    assert long is None or 0.75 <= long <= 1.25
 
 
 @pytest.mark.parametrize("flops_ratio, members", [(0.9, 1), (1.23, 1), (1.9993, 2), (2.0, 2), (2.73, 2), (3.46, 3)])
@@ -109,9 +118,10 @@ def test_rerun_reuses_exactly_the_unchanged_tasks(default_run):
     reused = [line for line in logs if "reused" in line]
     assert len(reused) == 2 + 3 + 1 + 1  # vanilla + the second ensemble member, 3 specialists, delta_all, vanilla_long
     assert not any("epoch" in line for line in logs)
+    timings = ("latency_ratio", "latency")
     for name, m in metrics["models"].items():  # the same numbers, but for timings
-        assert {k: v for k, v in again["models"][name].items() if k != "latency_ratio"} == \
-            {k: v for k, v in m.items() if k != "latency_ratio"}
+        assert {k: v for k, v in again["models"][name].items() if k not in timings} == \
+            {k: v for k, v in m.items() if k not in timings}
 
 
 @pytest.mark.slow
