@@ -115,14 +115,16 @@ class AppArgs(BaseModel):
                       self.body_timeout_s, self.decode_timeout_s)
 
 
-def check_routing(r: Routing, num_superclasses: int, resident: str, spelled: str | None = None) -> Routing:
+def check_routing(r: Routing, num_superclasses: int, stage_one: str, spelled: str | None = None) -> Routing:
     """``r`` if this bundle can run it, else a ValueError saying why: soft ``k`` is at most the
-    number of superclasses, pooling (+α) needs a vanilla resident."""
+    number of superclasses, pooling (+α) needs the vanilla network's answer in stage one
+    (``stage_one``: :attr:`supersub.bundle.Bundle.stage_one`)."""
     name = spelled or str(r)
     if r.k > num_superclasses:
         raise ValueError(f"routing {name}: k = {r.k} but the bundle has {num_superclasses} superclasses")
-    if r.resident_weight > 0 and resident != "vanilla":
-        raise ValueError(f"routing {name}: pooling (+α) needs a vanilla resident; this bundle's is a {resident}")
+    if r.resident_weight > 0 and stage_one != "vanilla":
+        raise ValueError(f"routing {name}: pooling (+α) needs the vanilla network's own answer in stage one; "
+                         f"this bundle's stage one is {stage_one}")
     return r
 
 
@@ -135,7 +137,7 @@ def resolve_routing(bundle: Bundle, spec: str | None) -> Routing:
         r = bundle.routings[spec]
     else:
         r = Routing.parse(spec)
-    return check_routing(r, bundle.hierarchy.num_superclasses, bundle.resident, spec)
+    return check_routing(r, bundle.hierarchy.num_superclasses, bundle.stage_one, spec)
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -271,7 +273,7 @@ class Ingress:
                 raise BadInput(422, "this app has one network: it takes no routing")
             return self.info.get("routing")
         try:
-            r = check_routing(Routing.parse(self.routings.get(asked, asked)), len(self.supers), self.info["resident"],
+            r = check_routing(Routing.parse(self.routings.get(asked, asked)), len(self.supers), self.info["stage_one"],
                               asked)
         except ValueError as e:
             raise BadInput(422, f"{e}; stored routings: {', '.join(self.routings)}") from None
@@ -331,6 +333,7 @@ def _info(name: str, ref: str, bundle: Bundle, routing: Routing | None) -> dict[
         "app": name,
         "bundle": ref,
         "resident": bundle.resident,
+        "stage_one": bundle.stage_one,
         "routing": None if routing is None else str(routing),
         "routings": {k: str(v) for k, v in bundle.routings.items()} if routing is not None else {},
         "image_size": bundle.image_size,

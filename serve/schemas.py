@@ -39,6 +39,8 @@ class Health(BaseModel):
     app: str
     bundle: str
     resident: str
+    stage_one: str = Field(description="what names the superclass: vanilla (the resident's forward), generalist or "
+                           "trunk_router (a head on the resident's trunk)")
     routing: str | None = Field(description="the routing answers use unless a request asks for another")
     routings: dict[str, str] = Field(description="the routings the bundle stores, by name")
     superclasses: int

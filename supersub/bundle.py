@@ -200,6 +200,12 @@ class Bundle:
                               f"the hierarchy needs {expected}")
 
     @property
+    def stage_one(self) -> str:
+        """What names the superclass: ``vanilla`` (the vanilla network's whole forward, whose
+        answer pooling (+α) uses), ``generalist``, or ``trunk_router`` (nothing to pool with)."""
+        return "trunk_router" if self.router_spec is not None else self.resident
+
+    @property
     def image_size(self) -> int:
         return self.base_spec.image_size
 

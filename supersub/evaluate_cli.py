@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from supersub.config import ConfigError
 from supersub.errors import DataError
 
 
@@ -59,6 +60,9 @@ def evaluate_bundle(bundle_ref: str, data: str, routing: str | None = None, devi
     batch_size, top = int(how.get("batch_size", 256)), int(how.get("top", 3))
     if asked is not None:
         top = max(top, asked.k)
+        if asked.pooled and bundle.stage_one != "vanilla":
+            raise ConfigError(f"--routing {routing}: pooling (+α) needs the vanilla network's own answer in stage one; "
+                              f"this bundle's stage one is {bundle.stage_one}")
     amp = torch.bfloat16 if how.get("amp") == str(torch.bfloat16) else None  # as the pipeline evaluated
     with tempfile.TemporaryDirectory(prefix="supersub-eval-") as tmp:
         manifest = _manifest_for(data, bundle, Path(tmp))

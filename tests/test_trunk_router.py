@@ -140,6 +140,16 @@ def test_pipeline_trains_the_router_and_evaluate_reproduces_it(tmp_path, capsys)
     capsys.readouterr()
     assert main(["evaluate", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"),
+                 "--routing", "hard+0.5"]) == 2  # no vanilla answer in stage one to pool with
     for name in ("vanilla", "two_stage_hard", "two_stage_soft", "two_stage_oracle", "stage1"):
         assert result["models"][name].get("top1") == models[name].get("top1"), name
         assert result["models"][name]["superclass_acc"] == models[name]["superclass_acc"], name
+
+
+def test_serving_refuses_pooling_without_the_vanilla_answer():
+    from serve.app import check_routing
+
+    assert check_routing(Routing.parse("soft:2@0.7"), 3, "trunk_router") is not None
+    with pytest.raises(ValueError, match="trunk_router"):
+        check_routing(Routing.parse("hard+0.5"), 3, "trunk_router")
