@@ -15,6 +15,10 @@ inside a :class:`supersub.tasks.TaskContext`.
 * Failures: a task that fails after Train's own restarts is retried by the driver (same name,
   so from its checkpoint); the others are not touched. Tasks still failing are reported
   together at the end (:class:`supersub.runner.TaskFailed`), after the rest have finished.
+* Crashes (issue 20): the driver holds the task's lock (:func:`supersub.runner.task_lock`) around
+  its Train run, so a second job on the folder waits and reuses; Ray's run state that cannot be
+  read is removed with a line and the task resumes from its own checkpoint; :meth:`RayRunner.stop`
+  (SIGINT/SIGTERM) lets no run start after it.
 * Outputs: the worker's last report carries the task's output files as a checkpoint, which the
   driver copies into ``task.out_dir`` when the worker ran where that folder is not visible.
 """

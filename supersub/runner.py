@@ -1,8 +1,10 @@
 """Running tasks: which to run, where, and who hears about them.
 
-* :func:`run_tasks` is what a job calls: it stamps each task's folder, reuses the tasks that
-  finished earlier with the same fingerprint, hands the others to a runner, and returns every
-  task's result in order.
+* :func:`run_tasks` is what a job calls: it reuses the tasks that finished earlier with the same
+  fingerprint and whose recorded outputs check out (a damaged one is retrained, with one line
+  saying which file), hands the others to a runner, and returns every task's result in order.
+  A runner runs a task under its lock (:func:`task_lock`) and stamps its folder (:func:`begin`)
+  there, so two jobs on one folder train each task once.
 * A *runner* has one method, ``run(tasks, resources)``. :class:`LocalRunner` (here) runs them
   in this process, one after another — a GPU machine without Ray. ``jobs.runner.RayRunner``
   runs each as a Ray Train run, concurrently. Both finish every task they can and then raise
