@@ -103,6 +103,8 @@ def error_line(e: BaseException, where: str | Path | None = None) -> str:
         m = _NO_SPACE.search(text)
         if m:
             return f"no space left on {_real_name(m.group(1) or where)}"
+    if where is not None and Path(where).exists() and atomic.disk_full(where):  # an error that hides it
+        return f"no space left on {where} ({type(e).__name__} while it was full)"
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     return last if _EXC_LINE.match(last) and len(lines) > 1 else f"{type(e).__name__}: {last}".rstrip(": ")

@@ -63,3 +63,58 @@ def test_two_ray_jobs_train_a_task_once_and_a_damaged_run_state_falls_back(ray_s
     assert any(line.startswith(f"vanilla: Ray's run state {snapshot} is unreadable (empty)") and
                "resumes from its own last checkpoint" in line for line in lines), lines
     assert sha256_file(weights) == before and task.done()
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_sigint_stops_a_ray_job_starts_nothing_after_it_and_ends_every_run_killed(tmp_path: Path) -> None:
+    """``python -m jobs.pipeline`` on its own local Ray, SIGINT while the vanilla network trains:
+    exit 130 with one line and no traceback, no Train run started after the signal, every MLflow
+    run of the job KILLED."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from ray_helpers import DEFAULT_CONFIG, ENV, PYTHON, REPO, TINY, stop_cluster
+
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    ray_tmp = tempfile.mkdtemp(prefix="ssint-", dir="/tmp")  # its own Ray, stopped by pid below
+    env = {**os.environ, **ENV, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(tmp_path / "run"), *TINY,
+           "train.epochs=40", f"tracking.tracking_uri={uri}", "report=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if "vanilla epoch 2/" in line:
+                proc.send_signal(signal.SIGINT)
+                signalled = time.monotonic()
+                break
+        else:
+            pytest.fail("the vanilla network never reached epoch 2")
+        rest, err = proc.communicate(timeout=120)
+        stopped_in = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        stop_cluster(ray_tmp)
+    lines += rest.splitlines()
+    assert proc.returncode == 130, (lines[-10:], err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("jobs.pipeline: interrupted (SIGINT)"), err
+    started = [line for line in lines if "as Ray Train run" in line]
+    assert len(started) == 1 and started[0].startswith("vanilla: started"), started
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"pipeline:default (run)": "KILLED", "vanilla": "KILLED"}
+    print(f"stopped {stopped_in:.1f} s after SIGINT")
