@@ -119,7 +119,8 @@ def make_tracker(cfg: PipelineConfig, out: Path, job: str = "pipeline"):
         return NullTracker()
     from jobs.tracking import MlflowTracker
 
-    return MlflowTracker(f"{job}:{cfg.name}", cfg, out, job=job)
+    # The output folder in the name: runs of one config into other folders are told apart.
+    return MlflowTracker(f"{job}:{cfg.name} ({Path(out).name})", cfg, out, job=job)
 
 
 def make_runner(cfg: PipelineConfig, out: Path, tracker, log=print):

@@ -43,13 +43,14 @@ HEADLINE_MODELS = {"vanilla": "vanilla", "vanilla_long": "vanilla_long", "ensemb
 
 
 def numeric(data: dict[str, Any]) -> dict[str, float]:
-    """The entries of a flat dict that are numbers (lists of numbers become ``key.i``), keys cleaned."""
+    """The entries of a flat dict that are numbers (lists of numbers become ``key.i``), keys cleaned,
+    values to 7 significant digits: float32 arithmetic's noise (54.00000214576721) is not a result."""
     out: dict[str, float] = {}
     for k, v in data.items():
         if isinstance(v, (list, tuple)):
             out.update(numeric({f"{k}.{i}": x for i, x in enumerate(v)}))
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[_KEY_BAD.sub("_", k)] = float(v)
+            out[_KEY_BAD.sub("_", k)] = float(v) if isinstance(v, int) else float(f"{v:.7g}")
     return out
 
 
@@ -154,6 +155,10 @@ class MlflowTracker:
             self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        # MLflow 3's UI opens an experiment of this kind on its runs (not the GenAI overview) where
+        # it reads the tag; where it follows its own "GenAI / Model training" switch, see README.
+        if exp is None or exp.tags.get("mlflow.experimentKind") is None:
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         tags = {"supersub.job": job, "supersub.out_dir": str(out), "supersub.seed": str(cfg.seed)}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
@@ -214,8 +219,10 @@ class MlflowTracker:
                 continue
             if path.name == "bundle":
                 bundle = path
-            elif path.name == "report":  # one self-contained page: MLflow's preview shows it whole
-                self.client.log_artifact(self.run_id, str(path / "index.html"), "report")
+            elif path.name == "report":  # one self-contained page (MLflow's preview shows it whole)
+                for name in ("index.html", "report.json"):  # and every number it shows, as the page says
+                    if (path / name).is_file():
+                        self.client.log_artifact(self.run_id, str(path / name), "report")
             elif path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), path.name)
             else:

@@ -3,8 +3,9 @@
 
 The tracking store is the one the jobs use — :func:`default_tracking_uri`: ``$MLFLOW_TRACKING_URI``,
 else SQLite at ``~/.supersub/mlflow.db`` — so a URI printed by a job resolves in ``serve run`` and
-``supersub evaluate`` without exporting anything. Downloads go to
-``~/.supersub/cache/bundles/<key>/`` (``$SUPERSUB_CACHE`` moves it), keyed by the resolved run,
+``supersub evaluate`` without exporting anything. Downloads go to ``$SUPERSUB_CACHE/bundles/<key>/``,
+by default ``cache/bundles/`` beside a SQLite store (``~/.supersub/cache`` for the default store
+or a server), keyed by the tracking URI, resolved run,
 artifact path and manifest hash, and are reused; nothing is left in the system's temporary folder.
 MLflow is imported only for such URIs: a replica serving a local folder never loads it.
 """
@@ -42,8 +43,13 @@ def is_remote(ref: str) -> bool:
     return bool(_URI.match(ref)) and not ref.startswith("file:")
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SUPERSUB_CACHE", str(HOME / "cache"))).expanduser() / "bundles"
+def _cache_root(tracking_uri: str | None = None) -> Path:
+    """``$SUPERSUB_CACHE``, else beside a SQLite tracking store (``<its folder>/cache``: a store
+    kept elsewhere leaves nothing in ``~/.supersub``), else ``~/.supersub/cache``; then ``bundles/``."""
+    root = os.environ.get("SUPERSUB_CACHE")
+    if not root and tracking_uri and tracking_uri.startswith("sqlite:///"):
+        root = str(Path(tracking_uri[len("sqlite:///"):]).parent / "cache")
+    return Path(root or str(HOME / "cache")).expanduser() / "bundles"
 
 
 def _download(ref: str, tracking_uri: str) -> Path:
@@ -64,7 +70,7 @@ def _download(ref: str, tracking_uri: str) -> Path:
         else:
             source, key = ref, ref
         digest = hashlib.sha256(f"{tracking_uri}|{key}".encode()).hexdigest()[:16]
-        target = _cache_root() / digest
+        target = _cache_root(tracking_uri) / digest
         if (target / "manifest.json").is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

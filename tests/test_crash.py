@@ -299,7 +299,7 @@ def test_sigint_and_sigterm_stop_the_job_mark_runs_killed_and_a_rerun_continues(
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
     assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
-    assert {r.info.run_name for r in runs} == {"pipeline:default", "vanilla"}
+    assert {r.info.run_name for r in runs} == {"pipeline:default (run)", "vanilla"}
     # the rerun continues from the checkpoint; SIGTERM stops it with 143
     proc = _job(out, uri)
     lines, err = _interrupt_after(proc, "vanilla: resumed after epoch", signal.SIGTERM)

@@ -74,6 +74,18 @@ def test_default_tracking_uri(tmp_path: Path, monkeypatch) -> None:
     assert remote.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{Path.cwd() / 'rel.db'}"
 
 
+def test_downloaded_bundles_are_cached_beside_the_tracking_store(tmp_path: Path, monkeypatch) -> None:
+    import supersub.remote as remote
+
+    monkeypatch.delenv("SUPERSUB_CACHE", raising=False)
+    monkeypatch.setattr(remote, "HOME", tmp_path / "home")
+    assert remote._cache_root(f"sqlite:///{tmp_path}/ml/mlflow.db") == tmp_path / "ml" / "cache" / "bundles"
+    assert remote._cache_root("http://127.0.0.1:5000") == tmp_path / "home" / "cache" / "bundles"
+    monkeypatch.setenv("SUPERSUB_CACHE", str(tmp_path / "elsewhere"))
+    assert remote._cache_root(f"sqlite:///{tmp_path}/ml/mlflow.db") == tmp_path / "elsewhere" / "bundles"
+    assert not (tmp_path / "home").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["data.source=/nonexistent"], "source not found: /nonexistent"),
     (["data.hierarchy=nonsense"], "unknown hierarchy 'nonsense'"),
@@ -167,7 +179,7 @@ def test_pipeline_end_to_end_with_live_mlflow_runs_and_a_registered_model(tiny: 
     client = MlflowClient(tiny["uri"])
     exp = client.get_experiment_by_name("supersub")
     runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.info.run_name == "pipeline:default")
+    parent = next(r for r in runs if r.info.run_name == "pipeline:default (tiny)")  # config name (out folder)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["delta.keep"] == "0.05"
     assert parent.data.metrics["top1_vanilla"] == pytest.approx(metrics["models"]["vanilla"]["top1"])
@@ -177,6 +189,10 @@ def test_pipeline_end_to_end_with_live_mlflow_runs_and_a_registered_model(tiny: 
     assert parent.inputs.dataset_inputs[0].dataset.digest == metrics["manifest_fingerprint"][:16]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "metrics.json", "hierarchy.json", "report"} <= artifacts
+    # the page says every number it shows is in report.json: so that is logged beside it
+    assert {"report/index.html", "report/report.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert all(v == float(f"{v:.7g}") for v in parent.data.metrics.values())  # no float32 noise (54.00000214576721)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3 opens it on its runs
 
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"vanilla", "specialist_0", "specialist_1", "delta_all", "vanilla_long"} <= set(nested)

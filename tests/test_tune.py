@@ -92,7 +92,7 @@ def test_tune_writes_pareto_front_and_mlflow_runs(tiny: dict, tmp_path: Path) ->
 
     client = MlflowClient(tiny["uri"])
     runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
-    parent = next(r for r in runs if r.info.run_name == "tune:default")
+    parent = next(r for r in runs if r.info.run_name == "tune:default (study)")
     assert parent.info.status == "FINISHED"
     assert {"pareto.json", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
