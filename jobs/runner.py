@@ -207,6 +207,8 @@ class RayRunner:
             return
 
     def _fit(self, task: Task, scaling, shipped) -> dict[str, Any]:
+        from jobs.console import train_logging
+
         workers, cpus, gpus = scaling
         resources = {"CPU": cpus} | ({"GPU": gpus} if gpus > 0 else {})
         name = Path(task.out_dir).name  # <task name>-<fingerprint>: stable across reruns
@@ -229,7 +231,11 @@ class RayRunner:
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=self.storage,
-                failure_config=ray.train.FailureConfig(max_failures=self.res.max_failures),
+                # controller_failure_limit: a worker group that cannot start (Train's start
+                # timeout) is retried a bounded number of times, not forever (the default).
+                failure_config=ray.train.FailureConfig(max_failures=self.res.max_failures,
+                                                       controller_failure_limit=self.res.max_failures),
+                logging_config=train_logging(),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
             datasets=datasets,
@@ -286,12 +292,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
-    import logging
-
     import ray.train.torch
 
+    from jobs.console import quiet_worker
+
     # The task prints one line an epoch; Ray Train's own per-report INFO lines would bury them.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_worker()
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
