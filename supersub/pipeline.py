@@ -49,7 +49,8 @@ from supersub.train import amp_dtype, pick_device
 def data_spec(cfg: PipelineConfig) -> dict[str, Any]:
     """What the manifest depends on (not how it is read): a change rebuilds it."""
     spec = {k: v for k, v in to_dict(cfg.data).items()
-            if k not in ("loader", "num_workers", "cache_dir", "learned_from", "learned_min_size", "manifest")}
+            if k not in ("loader", "num_workers", "cache_dir", "decode", "learned_from", "learned_min_size",
+                         "manifest")}
     spec["hierarchy"] = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
     return spec
 
@@ -99,7 +100,8 @@ def _limit_train(data_dir: Path, per_class: int) -> None:
 def data_options(cfg: PipelineConfig, manifest_dir: Path) -> DataOptions:
     loader = "auto" if cfg.data.loader == "ray_data" else cfg.data.loader
     fingerprint = load_manifest(manifest_dir).fingerprint
-    return DataOptions(str(manifest_dir), fingerprint, cfg.data.image_size, loader, cfg.data.num_workers, cfg.data.cache_dir)
+    return DataOptions(str(manifest_dir), fingerprint, cfg.data.image_size, loader, cfg.data.num_workers, cfg.data.cache_dir,
+                       cfg.data.decode)
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -48,6 +48,10 @@ class DataConfig:
         "auto", help="tensors: decoded split in memory (<= 64 px); dataset: torch DataLoader; ray_data: Ray Data (Ray runner)"
     )
     num_workers: int = field(2, help="DataLoader / decoding worker processes")
+    decode: Literal["auto", "cpu", "cuda"] = field(
+        "auto", help="where the dataset loader decodes and augments training JPEGs: cpu (workers), cuda (nvJPEG and "
+        "the crop/flip/normalise on the training GPU; workers only read bytes), auto (cuda when training on one)"
+    )
     cache_dir: str | None = field(None, help="folder for decoded-split caches (tensors loader)")
 
 
@@ -199,6 +203,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.data.loader == "ray_data" and self.resources.runner != "ray":
             raise ValueError("data.loader=ray_data needs resources.runner=ray")
+        if self.data.loader == "ray_data" and self.data.decode == "cuda":
+            raise ValueError("data.decode=cuda needs the dataset loader (Ray Data decodes in its CPU tasks)")
         if self.generalist.kind == "trunk_router" and self.delta.first_stage < 1:
             raise ValueError("generalist.kind=trunk_router routes on the shared trunk: delta.stages must leave out "
                              "the stem (e.g. delta.stages=[layer4] or [layer3,layer4])")

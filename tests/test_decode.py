@@ -211,3 +211,66 @@ def test_ray_data_decode_batch_takes_the_tensor_path(tmp_path: Path) -> None:
     for train in (True, False):
         out = decode_batch(batch, manifest.meta, 96, train)
         assert out["image"].shape == (rows.size, 96, 96, 3) and out["image"].dtype == np.uint8
+
+
+# ------------------------------------------------------------------ data.decode=cuda (issue 22)
+def test_device_augmentation_runs_on_a_cpu_with_the_same_crop_statistics() -> None:
+    from supersub.data.gpu import augment_batch
+
+    w, h, n, size = 500, 375, 400, 224
+    ramp = torch.from_numpy(_ramp(w, h)).permute(2, 0, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.manual_seed(4)
+    x = augment_batch([ramp] * n, size, train=True)
+    assert x.shape == (n, 3, size, size) and x.dtype == torch.float32
+    a = _boxes([((xi * std + mean) * 255).permute(1, 2, 0)[..., :2].numpy() for xi in x], w, h)
+    torch.manual_seed(5)
+    cpu = TensorTrainTransform(size)
+    b = _boxes([cpu(ramp).permute(1, 2, 0)[..., :2].float().numpy() for _ in range(n)], w, h)
+    # KS critical value at α = 0.001 for 400 + 400 samples: 0.138.
+    assert _ks(a[:, 0], b[:, 0]) < 0.138 and _ks(np.log(a[:, 1]), np.log(b[:, 1])) < 0.138
+    assert abs(a[:, 2].mean() - 0.5) < 0.1
+    ev = augment_batch([ramp, ramp[:, :300, :200]], size, train=False)
+    assert ev.shape == (2, 3, size, size) and torch.equal(ev[0], augment_batch([ramp], size, train=False)[0])
+    small = augment_batch([ramp], 32, train=True)
+    assert small.shape == (1, 3, 32, 32)
+
+
+def test_dataset_loader_with_device_decode_hands_over_bytes(tmp_path: Path) -> None:
+    from supersub.data import load_manifest
+    from supersub.data.gpu import BytesRows, read_item
+    from supersub.data.loaders import LoaderSpec, make_loader
+
+    manifest = load_manifest(_folder_manifest(tmp_path))
+    loader = make_loader(manifest, LoaderSpec("train", "fine", True, 4), image_size=96, mode="dataset",
+                         device=torch.device("cpu"), num_workers=0, decode="cuda")
+    assert loader.on_device
+    rows = BytesRows(loader.dataset, np.arange(len(loader.dataset)), loader.dataset.targets)
+    kinds = {rows[i][0][0] for i in range(len(rows))}
+    assert kinds <= {"jpeg", "pixels"} and "jpeg" in kinds  # the grayscale images come decoded
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 96, 96) and x.dtype == torch.float32 and y.shape == (4,)
+    auto = make_loader(manifest, LoaderSpec("train", "fine", True, 4), image_size=96, mode="dataset",
+                       device=torch.device("cpu"), num_workers=0)
+    assert not auto.on_device  # auto: on the device only when it is a GPU
+    with pytest.raises(Exception, match="bad|truncated|unreadable"):
+        read_item(b"\xff\xd8\xff\xe0 not a jpeg", "x.JPEG")
+
+
+@pytest.mark.gpu
+def test_nvjpeg_batch_decode_matches_the_cpu_decoder() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from supersub.data.gpu import augment_batch, decode_on_device, read_item
+
+    datas = [_encode(Image.fromarray(_photo(320, 240, seed=s), "RGB")) for s in range(8)]
+    datas.append(_encode(Image.fromarray(_photo(320, 240, seed=9), "RGB").convert("L")))  # decoded by PIL
+    items = [read_item(d, "x.JPEG") for d in datas]
+    assert [k for k, _ in items].count("pixels") == 1
+    gpu = decode_on_device(items, torch.device("cuda"))
+    for d, g in zip(datas, gpu):
+        ref = decode_tensor(d, "x.JPEG").tensor
+        assert g.is_cuda and g.shape == ref.shape
+        assert (g.cpu().float() - ref.float()).abs().mean() < 2.0  # nvJPEG's IDCT is not libjpeg's bit for bit
+    x = augment_batch(gpu, 224, train=True)
+    assert x.is_cuda and x.shape == (9, 3, 224, 224) and torch.isfinite(x).all()

@@ -173,10 +173,12 @@ class DatasetLoader:
     """
 
     def __init__(self, manifest, spec: LoaderSpec, n_sub: int, image_size: int, num_workers: int, rank=0, world_size=1,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, decode: Literal["cpu", "cuda"] = "cpu"):
         self.spec, self.n_sub, self.num_workers = spec, n_sub, num_workers
         self.rank, self.world, self.epoch = rank, world_size, 0
-        self.device = device
+        self.device, self.image_size = device, image_size
+        # decode=cuda: workers read bytes, the batch is decoded and augmented on the device (training only).
+        self.on_device = decode == "cuda" and spec.train
         if spec.train:
             self.dataset = ManifestDataset(manifest, spec.split, TensorTrainTransform(image_size), target="fine",
                                            decoder="tensor")
@@ -192,7 +194,14 @@ class DatasetLoader:
 
     def _loader(self) -> torch.utils.data.DataLoader:
         rows, targets = select(self.fine, self.coarse, self.spec, self.n_sub, self.epoch)
-        ds = _Rows(self.dataset, rows, targets)
+        collate = None
+        if self.on_device:
+            from supersub.data.gpu import BytesRows, collate_items
+
+            ds: torch.utils.data.Dataset = BytesRows(self.dataset, rows, targets)
+            collate = collate_items
+        else:
+            ds = _Rows(self.dataset, rows, targets)
         sampler = None
         if self.world > 1:
             sampler = torch.utils.data.DistributedSampler(
@@ -209,13 +218,21 @@ class DatasetLoader:
             num_workers=self.num_workers,
             drop_last=self.spec.train and len(ds) >= self.spec.batch_size,
             persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not self.on_device,
+            collate_fn=collate,
         )
 
     def __len__(self) -> int:
         return len(self._loader())
 
     def __iter__(self):
+        if self.on_device:
+            from supersub.data.gpu import augment_batch, decode_on_device
+
+            device = self.device or torch.device("cpu")
+            for items, y in self._loader():
+                yield augment_batch(decode_on_device(items, device), self.image_size, True), y.to(device)
+            return
         for x, y in self._loader():
             if x.dtype == torch.uint8:
                 if self.device is not None:
@@ -252,10 +269,18 @@ def make_loader(
     cache_dir: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    decode: Literal["auto", "cpu", "cuda"] = "auto",
 ):
-    """The loader for ``spec``; ``auto`` holds images of at most 64 px in memory."""
+    """The loader for ``spec``; ``auto`` holds images of at most 64 px in memory. ``decode``
+    (dataset loader, training): ``cuda`` decodes and augments on the device, ``auto`` does so when
+    ``device`` is a GPU and the images are files or Parquet bytes."""
     n_sub = len(manifest.hierarchy.superclasses[spec.superclass].subclasses) if spec.superclass is not None else 0
     if mode == "tensors" or (mode == "auto" and image_size <= 64):
         images, fine, coarse = split_tensors(manifest, spec.split, image_size, device, num_workers, cache_dir)
         return TensorLoader(images, fine, coarse, spec, n_sub, device, rank, world_size)
-    return DatasetLoader(manifest, spec, n_sub, image_size, num_workers, rank, world_size, device=device)
+    encoded = manifest.meta.get("source", {}).get("kind") in ("folder", "parquet")  # bytes to hand over
+    if decode == "cuda" and not encoded:
+        raise ValueError(f"data.decode=cuda needs encoded images (a folder or Parquet source), not "
+                         f"{manifest.meta.get('source', {}).get('kind')!r}")
+    resolved = "cuda" if decode == "cuda" or (decode == "auto" and device.type == "cuda" and encoded) else "cpu"
+    return DatasetLoader(manifest, spec, n_sub, image_size, num_workers, rank, world_size, device=device, decode=resolved)

@@ -66,6 +66,7 @@ class DataOptions:
     loader: Literal["auto", "tensors", "dataset"] = "auto"
     num_workers: int = 2
     cache_dir: str | None = None
+    decode: Literal["auto", "cpu", "cuda"] = "auto"  # where training JPEGs are decoded (data.decode)
 
     def identity(self) -> dict[str, Any]:
         return {"manifest": self.fingerprint, "image_size": self.image_size}
@@ -189,7 +190,7 @@ class Task:
             return ctx.make_loader(spec)
         return make_loader(manifest, spec, image_size=data.image_size, mode=data.loader, device=ctx.device,
                            num_workers=data.num_workers, cache_dir=data.cache_dir, rank=ctx.rank,
-                           world_size=ctx.world_size)
+                           world_size=ctx.world_size, decode=data.decode)
 
 
 def folder_for(root: str | Path, name: str, fingerprint: str) -> str:
