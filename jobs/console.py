@@ -101,7 +101,9 @@ def quiet_driver() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING if not verbose() else logging.INFO)
     if verbose():
         return
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    # "Creating initial MLflow database tables...": MLflow sets its logger's level when imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     # MLflow's advice to its own users (type hints on predict, ambiguous dataset sources).
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
     try:
