@@ -77,6 +77,8 @@ def fit(
     if use_channels_last(optim, ctx.device):
         raw = raw.to(memory_format=torch.channels_last)
     model = ctx.prepare_model(raw)
+    if optim.compile:  # after DDP's wrapper, as PyTorch's DDP + compile notes advise; unwrap() sees through both
+        model = torch.compile(model)
     optimizer = build_optimizer(model, optim, ctx.world_size)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:

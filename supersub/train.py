@@ -43,6 +43,8 @@ class OptimConfig:
         "auto", help="autocast: auto = bf16 where the hardware has it (CUDA, CPUs with AVX-512 BF16 / AMX), else fp32"
     )
     channels_last: Literal["auto", "on", "off"] = field("auto", help="channels_last memory format (auto: on)")
+    compile: bool = field(False, help="torch.compile the model (first steps compile; off by default: "
+                          "not yet measured on a GPU here, and on a CPU it needs a C++ compiler)")
     grad_clip: float = field(0.0, help="clip the gradient norm (0 = off)")
 
 

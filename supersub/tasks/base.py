@@ -78,7 +78,7 @@ def digest(data: Any) -> str:
 
 
 # How an optimiser setting is applied, not what is trained: left out of identities.
-EXECUTION_ONLY = ("amp", "channels_last")
+EXECUTION_ONLY = ("amp", "channels_last", "compile")
 
 
 def optim_identity(optim: Any) -> dict[str, Any]:
