@@ -84,3 +84,62 @@ class Batcher:
             for (_, fut), r in zip(batch, results):
                 if not fut.done():
                     fut.set_result(r)
+
+
+class Coalescer:
+    """``await submit(key, item)`` → ``(await fn(key, items))[i]``: calls to another deployment,
+    coalesced per key. A call for a key starts at once while fewer than ``limit`` calls for it
+    are in flight; items that arrive meanwhile go together in the next one (at most
+    ``max_items``). What :class:`Batcher` does for a forward, for a handle hop: at concurrency 1
+    nothing waits; under load one hop carries many requests' items.
+
+    ``fn`` is a coroutine function returning one result per item, in order; its exception fails
+    every item of that call.
+    """
+
+    def __init__(self, fn: Callable[[Any, list[Any]], Any], limit: int = 2, max_items: int = 64) -> None:
+        if limit < 1 or max_items < 1:
+            raise ValueError(f"limit and max_items must be >= 1, got {limit}, {max_items}")
+        self.fn, self.limit, self.max_items = fn, limit, max_items
+        self._pending: dict[Any, list[tuple[Any, asyncio.Future]]] = {}
+        self._running: dict[Any, int] = {}
+        self.calls = self.items = 0  # for tests and metrics: items per hop = items / calls
+
+    async def submit(self, key: Any, item: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((item, fut))
+        if self._running.get(key, 0) < self.limit:
+            self._start(key)
+        return await fut
+
+    def _start(self, key: Any) -> None:
+        queued = self._pending.get(key, [])
+        batch, rest = queued[: self.max_items], queued[self.max_items:]
+        if rest:
+            self._pending[key] = rest
+        else:
+            self._pending.pop(key, None)
+        batch = [(item, fut) for item, fut in batch if not fut.done()]  # done: cancelled by its caller
+        if not batch:
+            return
+        self._running[key] = self._running.get(key, 0) + 1
+        asyncio.get_running_loop().create_task(self._call(key, batch))
+
+    async def _call(self, key: Any, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await self.fn(key, [item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"call returned {len(results)} results for {len(batch)} items")
+        except Exception as e:  # noqa: BLE001 - the call's items get the error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+        else:
+            self.calls, self.items = self.calls + 1, self.items + len(batch)
+            for (_, fut), r in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(r)
+        finally:
+            self._running[key] -= 1
+            if self._pending.get(key):
+                self._start(key)

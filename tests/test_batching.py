@@ -120,3 +120,37 @@ def test_a_cancelled_request_is_dropped_from_its_batch() -> None:
 def test_bad_settings_are_refused(size: int, wait: float) -> None:
     with pytest.raises(ValueError):
         Batcher(lambda items: items, size, wait)
+
+
+def test_coalescer_calls_at_once_when_idle_and_coalesces_per_key_under_load() -> None:
+    """(21.6) The per-stage graph's hops to the specialists: a call per key starts at once while
+    fewer than `limit` are in flight; what arrives meanwhile goes in one call; keys apart."""
+    from serve.batching import Coalescer
+
+    calls: list[tuple[str, list[int]]] = []
+
+    async def main() -> list[int]:
+        gate = asyncio.Event()
+
+        async def fn(key: str, items: list[int]) -> list[int]:
+            calls.append((key, list(items)))
+            await gate.wait()
+            if -1 in items:
+                raise ValueError("bad item")
+            return [i * 10 for i in items]
+
+        c = Coalescer(fn, limit=1, max_items=3)
+        first = [asyncio.ensure_future(c.submit("a", 0)), asyncio.ensure_future(c.submit("b", 100))]
+        await asyncio.sleep(0.01)
+        assert calls == [("a", [0]), ("b", [100])]  # nothing waited for company
+        rest = [asyncio.ensure_future(c.submit("a", i)) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        out = await asyncio.gather(*first, *rest)
+        bad = await asyncio.gather(c.submit("a", -1), return_exceptions=True)
+        assert isinstance(bad[0], ValueError)
+        assert await c.submit("a", 7) == 70  # it lives on
+        return out
+
+    assert asyncio.run(main()) == [0, 1000, 10, 20, 30, 40, 50]
+    assert calls[:4] == [("a", [0]), ("b", [100]), ("a", [1, 2, 3]), ("a", [4, 5])]
