@@ -99,6 +99,8 @@ def _launch_hint(e: BaseException) -> str:
     if "timed out during startup" in text or "Timed out" in text or "timeout" in text.lower():
         return ("Ray's processes did not start in time — usually an overloaded machine (Ray waits 30 s for its "
                 "raylet); retry when it is less busy")
+    if "AF_UNIX path length" in text:
+        return "RAY_TMPDIR is too long for Ray's socket paths: use a shorter folder (e.g. /tmp/ray)"
     if "address already in use" in text.lower() or "Failed to bind" in text:
         return "a port is taken: choose another with --port, or stop what holds it"
     return "Ray's logs are under RAY_TMPDIR (default /tmp/ray)/session_latest/logs"

@@ -248,6 +248,23 @@ def test_launcher_refuses_bad_bundles_before_ray_starts(bundles: dict[str, Path]
         assert not list(Path(ray_tmp).iterdir()), (name, "Ray started")
 
 
+def test_launcher_reports_a_ray_start_failure_in_one_line(bundles: dict[str, Path]) -> None:
+    """(21.7) Ray failing to start (here: a RAY_TMPDIR too long for its socket paths) is one line
+    with the reason and a hint, exit 1 — not a traceback."""
+    import subprocess
+    import sys
+
+    env = _launcher_env()
+    env["RAY_TMPDIR"] = str(Path(env["RAY_TMPDIR"]) / ("x" * 100))
+    Path(env["RAY_TMPDIR"]).mkdir()
+    r = subprocess.run([sys.executable, "-m", "serve", f"bundle={bundles['vanilla']}", "--port", str(_free_port())],
+                       cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "AF_UNIX path length" in err[0] and "RAY_TMPDIR is too long" in err[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
 def test_config_yaml_builds(bundles: dict[str, Path]) -> None:
     """serve/config.yaml is a valid Serve config whose apps build (on the tiny bundle)."""
     import yaml
