@@ -104,8 +104,16 @@ def quiet_driver() -> None:
     # "Creating initial MLflow database tables...": MLflow sets its logger's level when imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # MLflow's advice to its own users (type hints on predict, ambiguous dataset sources).
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
+    # MLflow's advice to its own users (type hints on predict, ambiguous dataset sources). Not a
+    # filter: MLflow's log_model sets its own ("once") around the call, which would win.
+    earlier = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and "/mlflow/" in str(filename).replace("\\", "/"):
+            return
+        earlier(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
     try:
         import functools
 
