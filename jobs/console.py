@@ -15,8 +15,9 @@ Three places, because Ray's lines come from three kinds of process:
   result N: TrainingReport(...)" under a logger named after its file,
   ``.../ray/train/v2/_internal/execution/context.py``, not under ``ray.train``); the file
   handlers still get them.
-* **Train controllers**: ``RunConfig(logging_config=train_logging())`` — lifecycle lines at
-  WARNING on the console, everything in ``ray-train-sys-controller-*.log``.
+* **Train controllers**: ``RunConfig(logging_config=train_logging())`` — off the console unless
+  verbose (errors too: the job reports each failed run in one line), everything in
+  ``ray-train-sys-controller-*.log``.
 
 Train V2 also patches ``print`` in its workers so that each line goes to the worker's stdout
 *and* through the root logger to its stderr: every epoch line reached the console twice.
@@ -158,8 +159,17 @@ def quiet_worker() -> None:
 
 
 def train_logging():
-    """``ray.train.LoggingConfig`` for a Train run: the controller's lifecycle lines on the console
-    only when verbose (its system log file keeps them all)."""
+    """``ray.train.LoggingConfig`` for a Train run: the controller's lines on the console only when
+    verbose (its ``ray-train-sys-controller-*.log`` keeps them all). Its errors too: each is raised
+    to the job, which says in one line which run failed and why — the controller's own report of
+    an out-of-memory kill is ~90 lines, once per restart."""
     import ray.train
 
-    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "CRITICAL")
+
+
+def quiet_tune() -> None:
+    """Tune's report of a failed trial (a traceback on the console) off unless verbose: the job
+    prints a line with the reason and the error file, which keeps the traceback."""
+    if not verbose():
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)

@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -260,9 +261,22 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
 
 
 # ----------------------------------------------------------------------------- the job
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\w*:")
+
+
 def _error_line(error) -> str:
+    """One line for an error or a traceback's text: its last ``SomeError: message`` line (with the
+    line after it when the message only introduces it), else its first line; at most 300 characters."""
     text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    hits = [i for i, line in enumerate(lines) if _EXCEPTION.match(line)]
+    if not hits:
+        return lines[0][:300]
+    i = hits[-1]
+    line = lines[i] + (" " + lines[i + 1] if lines[i].endswith(":") and i + 1 < len(lines) else "")
+    return line[:300]
 
 
 def trial_watch(log, stall_s: float, status_every_s: float = STATUS_EVERY_S, signals: Signals | None = None):
@@ -302,7 +316,7 @@ def trial_watch(log, stall_s: float, status_every_s: float = STATUS_EVERY_S, sig
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             reason = self.stalled.get(trial.trial_id) or _error_line(trial.get_error() or "error")
-            log(f"trial {trial.trial_id} failed: {reason}")
+            log(f"trial {trial.trial_id} failed: {reason}" + (f" (traceback: {trial.error_file})" if trial.error_file else ""))
 
         def on_step_end(self, iteration, trials, **info) -> None:
             now = time.monotonic()
@@ -447,6 +461,9 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
                 from ray.tune.experimental.output import TuneReporterBase
 
                 TuneReporterBase._heartbeat_freq = STATUS_EVERY_S
+        from jobs.console import quiet_tune
+
+        quiet_tune()
         signals.tuning = True
         try:
             grid = tuner.fit()
