@@ -7,8 +7,8 @@ log, Train's ``ray-train-sys-*`` files), and a job's own lines stay on the conso
 Three places, because Ray's lines come from three kinds of process:
 
 * **The job's process** (:func:`quiet_driver`): Ray's own INFO logging off, and the lines that
-  Ray forwards from its workers (``log_to_driver``) filtered: the raylet's and autoscaler's
-  lines, and known noise (PreemptionWatcher, the State API's "temporarily unavailable", library
+  Ray forwards from its workers (``log_to_driver``) and the GCS's error messages for the job
+  filtered: the raylet's and autoscaler's lines, and known noise (PreemptionWatcher, the State API's "temporarily unavailable", library
   ``UserWarning`` lines), unless verbose.
 * **Train workers** (:func:`quiet_worker`, called by the worker functions): Ray's records below
   WARNING kept off the console handlers (Train V2 logs each ``report`` as "Reporting training
@@ -135,6 +135,18 @@ def quiet_driver() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", filtered)
+
+    # The job's error messages from the GCS ("N PYTHON worker processes have been started", "a
+    # worker died") reach the console through print_to_stdstream directly, as pid "raylet".
+    original = ray_worker.print_to_stdstream
+    if not getattr(original, "_supersub_quiet", False):
+        def print_to_stdstream(data, ignore_prefix: bool) -> None:
+            lines = filter_lines(data.get("lines", []), data.get("pid"))
+            if lines:
+                original({**data, "lines": lines}, ignore_prefix)
+
+        print_to_stdstream._supersub_quiet = True
+        ray_worker.print_to_stdstream = print_to_stdstream
 
 
 class _RayBelowWarning(logging.Filter):
