@@ -181,7 +181,7 @@ class ManifestDataset(Dataset):
         if decoder not in ("pil", "tensor"):
             raise DataError(f"decoder must be 'pil' or 'tensor', got {decoder!r}")
         self.split, self.target_kind, self.draft_size, self.decoder = split, target, draft_size, decoder
-        self.uris = [manifest.uris[i] for i in rows]
+        self.uris = manifest.uri_array(rows)  # no Python string per image (workers share it)
         self.targets = _targets(manifest, rows, target)
         self.fine = manifest.subclass[rows].astype(np.int64)
         self.coarse = manifest.superclass[rows].astype(np.int64)
