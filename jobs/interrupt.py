@@ -2,7 +2,11 @@
 in the main thread, so the job unwinds as one exception — the runner starts no new task and its
 running ones stop, the tracker ends every run of the job KILLED, and the entry point prints one
 line and exits 130 (SIGINT) or 143 (SIGTERM). Signals that arrive while it unwinds are ignored
-(the unwinding is short and marks the MLflow runs); the third one exits at once."""
+(the unwinding is short and marks the MLflow runs); the third one exits at once.
+
+``ray.init`` installs its own SIGTERM handler in the driver (``sys.exit``; a local head's
+handler kills the node and exits 1), which would skip all of that: call :func:`reclaim_signals`
+after it."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from supersub.runner import Interrupted
@@ -29,11 +34,23 @@ def signals_interrupt(prog: str) -> Iterator[None]:
             os._exit(128 + received[0])
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _active.append(handler)
     try:
         yield
     finally:
+        _active.remove(handler)
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_active: list = []  # the handler of the innermost signals_interrupt block
+
+
+def reclaim_signals() -> None:
+    """Re-installs the active block's handler for SIGINT and SIGTERM (after ``ray.init``)."""
+    if _active and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _active[-1])
 
 
 def interrupted_line(prog: str, e: Interrupted) -> str:

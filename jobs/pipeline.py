@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from jobs.cli import fail
-from jobs.interrupt import interrupted_line, signals_interrupt
+from jobs.interrupt import interrupted_line, reclaim_signals, signals_interrupt
 from supersub.config import ConfigError, describe, dotted_keys, load_config
 from supersub.errors import UserError
 from supersub.pipeline import check_inputs, run_pipeline
@@ -138,6 +138,7 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dic
     out = Path(out).absolute()
     check_inputs(cfg, out)
     started = init_ray(log, verbose=verbose) if cfg.resources.runner == "ray" else False
+    reclaim_signals()  # ray.init replaced the SIGTERM handler
     try:
         tracker = make_tracker(cfg, out)
         runner = make_runner(cfg, out, tracker, log)
