@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,14 +38,16 @@ TINY = [
     "data.num_workers=0", "model.width=0.125", "train.epochs=3", "train.batch_size=32", "specialist.optim.epochs=2",
     "specialist.optim.batch_size=32", "evaluation.bootstrap=50", "report=false", "tracking.enabled=false",
 ]
-# (name, what in the job's output marks the moment; "bundle.tmp" = the bundle's temporary folder exists)
+# (name, what marks the moment: a line of the driver's output, or "file:<glob>" — a path under
+# --out that appears, which Ray's lagging forwarding of worker lines cannot delay). An epoch's
+# checkpoint marks the start of the next epoch.
 MOMENTS = [
-    ("mid-epoch", "vanilla epoch 1/"),
+    ("mid-epoch", "file:tasks/vanilla-*/checkpoint/checkpoint.pt"),
     ("after vanilla", "specialist_0: "),
-    ("during specialists", "specialist_1 epoch 1/"),
-    ("during delta_all", "delta_all epoch 1/"),
+    ("during specialists", "file:tasks/specialist_1-*/checkpoint/checkpoint.pt"),
+    ("during delta_all", "file:tasks/delta_all-*/checkpoint/checkpoint.pt"),
     ("during evaluation", "== evaluation"),
-    ("while the bundle is written", "bundle.tmp"),
+    ("while the bundle is written", "file:bundle.tmp*"),
 ]
 
 
@@ -71,12 +74,15 @@ def kill_at(out: Path, marker: str, runner: str, extra: list[str], timeout: floa
     deadline = time.monotonic() + timeout
     try:
         while p.poll() is None and time.monotonic() < deadline:
-            hit = any(out.glob("bundle.tmp*")) if marker == "bundle.tmp" else any(marker in x for x in list(lines))
+            if marker.startswith("file:"):
+                hit = any(out.glob(marker[5:]))
+            else:
+                hit = any(marker in x for x in list(lines))
             if hit:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
                 return True
-            time.sleep(0.001 if marker == "bundle.tmp" else 0.05)
+            time.sleep(0.001 if marker.startswith("file:") else 0.05)
         return False
     finally:
         if p.poll() is None:
@@ -101,17 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", required=True, help="an empty folder for the runs")
     ap.add_argument("--runner", default="local", choices=["local", "ray"])
     ap.add_argument("--timeout", type=float, default=900, help="seconds a job may take")
+    ap.add_argument("--moments", help="comma-separated indices of MOMENTS to check (default: all six)")
     ap.add_argument("overrides", nargs="*", help="more key=value for the job")
     args = ap.parse_args(argv)
     work = Path(args.work).absolute()
     t0 = time.perf_counter()
-    finish(work / "reference", args.runner, args.overrides, args.timeout)
+    if not (work / "reference" / "metrics.json").is_file():  # a finished reference is reused
+        finish(work / "reference", args.runner, args.overrides, args.timeout)
     ref = fingerprint(work / "reference")
     print(f"reference: {len(ref['files'])} weight/delta files, {len(ref['top1'])} models, {time.perf_counter() - t0:.0f} s",
           flush=True)
     bad = 0
-    for i, (name, marker) in enumerate(MOMENTS):
+    chosen = [int(i) for i in args.moments.split(",")] if args.moments else range(len(MOMENTS))
+    for i in chosen:
+        name, marker = MOMENTS[i]
         out = work / f"kill{i}"
+        if out.exists():
+            shutil.rmtree(out)
         killed = kill_at(out, marker, args.runner, args.overrides, args.timeout)
         lines = finish(out, args.runner, args.overrides, args.timeout)
         reused = sum("done earlier with the same inputs" in line or "finished meanwhile" in line for line in lines)
