@@ -208,12 +208,13 @@ def fast_jpeg_size(data: bytes | None, name: str | None = None) -> tuple[int, in
 def _decode_jpeg_tensor(data: bytes):
     """torchvision's JPEG decode → uint8 ``[3, H, W]``, or ``None`` when it refuses the bytes."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         # bytearray: a writable copy (torch warns about read-only buffers); decode_jpeg reads it only.
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - refused bytes, or a torchvision without its image extension: PIL decides
         return None
 
 
