@@ -145,7 +145,7 @@ def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy
         specialists = p.specialist_tasks(cfg, b, root)
         spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
         second: list = list(specialists)
-        router = p.router_task(cfg, b, root) if hasattr(p, "router_task") else None
+        router = p.router_task(cfg, b, root)
         if router is not None:
             second.append(router)
         if cfg.baselines.delta_all:
@@ -361,6 +361,9 @@ def plan_manifest(cfg: PipelineConfig, out: Path | None, log=print) -> tuple[Any
 def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Path | None = None, log=print) -> dict[str, Any]:
     """The plan as a dict (``tasks``, ``totals``, ``rates``, ``counts``) — see the module doc."""
     manifest, counts_from = plan_manifest(cfg, out, log)
+    if cfg.data.hierarchy.startswith("learned:"):
+        counts_from += (f"; {cfg.data.hierarchy}: the specialists are planned on the superclasses of "
+                        f"{cfg.data.learned_from} (the learned ones exist only once the vanilla network does)")
     tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")
     given = load_throughput(throughput) if throughput else {}
     source = {}

@@ -86,14 +86,29 @@ def decode_on_device(items: list[tuple[str, torch.Tensor]], device: torch.device
     jpegs = [i for i, (kind, _) in enumerate(items) if kind == "jpeg"]
     out: list[Any] = [None] * len(items)
     if jpegs:
-        decoded = decode_jpeg([items[i][1] for i in jpegs], mode=ImageReadMode.RGB,
-                              device=device if device.type == "cuda" else "cpu")
+        data = [items[i][1] for i in jpegs]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device if device.type == "cuda" else "cpu")
+        except RuntimeError as e:  # nvJPEG refused the batch (a JPEG it does not support, no nvJPEG): the CPU decodes
+            _warn_once(f"decode_jpeg on {device} failed ({str(e).splitlines()[0][:200]}); this batch decoded on the CPU")
+            decoded = [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
         for i, img in zip(jpegs, decoded):
             out[i] = img.to(device)
     for i, (kind, t) in enumerate(items):
         if kind != "jpeg":
             out[i] = t.to(device, non_blocking=True)
     return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import warnings
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def decode_augment(datas: list[bytes], size: int, train: bool, device: torch.device,
