@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress lines too (the logs keep them anyway)")
     p.add_argument("--plan", action="store_true", help="print every task with its images, resources, estimated wall "
                    "time and the job's GPU-hours, and train nothing (--out optional: a manifest built there is reused)")
-    p.add_argument("--plan-throughput", metavar="JSON", help="--plan's rates: {train_images_per_s, "
-                   "decode_images_per_s_per_cpu} or benchmarks/data_throughput.py's JSON (default: measured here)")
+    p.add_argument("--plan-throughput", metavar="JSON", action="append", help="--plan's rates: {train_images_per_s, "
+                   "decode_images_per_s_per_cpu}, or benchmarks/data_throughput.py's or train_throughput.py's JSON; "
+                   "may be repeated (default: measured here)")
     p.add_argument("--plan-json", metavar="FILE", help="--plan: also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. delta.bits=4")
     return p

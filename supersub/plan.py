@@ -226,7 +226,8 @@ def job_hours(tasks: list[PlannedTask], cluster_gpus: float, cluster_cpus: float
 def load_throughput(path: str | Path) -> dict[str, Any]:
     """A throughput file: ``{"train_images_per_s": R, "decode_images_per_s_per_cpu": D}`` (per
     worker / per CPU; either may be left out), or the JSON ``benchmarks/data_throughput.py`` writes
-    (its ``tensor`` per-core median is the decode rate)."""
+    (its ``tensor`` per-core median is the decode rate), or ``benchmarks/train_throughput.py``'s
+    (the network's rate at the settings ``amp``/``channels_last=auto`` choose)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -242,6 +243,9 @@ def load_throughput(path: str | Path) -> dict[str, Any]:
     cpu = doc.get("cpu", {}).get("tensor/1proc")
     if cpu and "decode_per_cpu" not in out:
         out["decode_per_cpu"] = float(cpu["per_core"]["median"])
+    chosen = doc.get("images_per_s", {}).get(doc.get("auto_chooses", ""), {})
+    if "network" in chosen and "train_per_worker" not in out:  # benchmarks/train_throughput.py's JSON
+        out["train_per_worker"] = float(chosen["network"])
     if not out:
         raise ConfigError(f"--plan-throughput {path}: no train_images_per_s, decode_images_per_s_per_cpu "
                           "or data_throughput.py figures in it")
@@ -358,14 +362,20 @@ def plan_manifest(cfg: PipelineConfig, out: Path | None, log=print) -> tuple[Any
                      f"split as the build would: train {c['train']:,}, val {c['val']:,}, test {c['test']:,}")
 
 
-def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Path | None = None, log=print) -> dict[str, Any]:
-    """The plan as a dict (``tasks``, ``totals``, ``rates``, ``counts``) — see the module doc."""
+def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Path | list | None = None,
+              log=print) -> dict[str, Any]:
+    """The plan as a dict (``tasks``, ``totals``, ``rates``, ``counts``) — see the module doc.
+    ``throughput``: one file or several (a later file's rates win)."""
     manifest, counts_from = plan_manifest(cfg, out, log)
     if cfg.data.hierarchy.startswith("learned:"):
         counts_from += (f"; {cfg.data.hierarchy}: the specialists are planned on the superclasses of "
                         f"{cfg.data.learned_from} (the learned ones exist only once the vanilla network does)")
     tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")
-    given = load_throughput(throughput) if throughput else {}
+    files = [throughput] if isinstance(throughput, (str, Path)) else list(throughput or [])
+    given: dict[str, Any] = {}
+    for f in files:
+        given.update({**load_throughput(f), "file": str(f)})
+    throughput = ", ".join(str(f) for f in files)
     source = {}
     if "train_per_worker" in given:
         train_rate = given["train_per_worker"]

@@ -81,3 +81,16 @@ def test_plan_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert json.loads((tmp_path / "plan.json").read_text())["totals"]["gpu_hours"] > 0
     assert main(["--config", "jobs/configs/imagenet_paper10.yaml", "--plan", "--plan-throughput",
                  str(tmp_path / "missing.json")]) == 2
+
+
+def test_rates_from_the_benchmarks_json(tmp_path: Path) -> None:
+    data = tmp_path / "data.json"  # benchmarks/data_throughput.py --json (the part the plan reads)
+    data.write_text(json.dumps({"cpu": {"tensor/1proc": {"per_core": {"median": 300.0}}}}))
+    train = tmp_path / "train.json"  # benchmarks/train_throughput.py --json
+    train.write_text(json.dumps({"device": "NVIDIA H100", "auto_chooses": "bf16 channels_last",
+                                 "images_per_s": {"bf16 channels_last": {"network": 2500.0, "specialist": 2000.0},
+                                                  "fp32 contiguous": {"network": 900.0, "specialist": 800.0}}}))
+    cfg = load_config(PipelineConfig, "jobs/configs/imagenet_paper10.yaml", [])
+    plan = make_plan(cfg, None, [data, train], log=lambda _: None)
+    assert plan["rates"]["decode_images_per_s_per_cpu"] == 300.0
+    assert plan["rates"]["train_images_per_s_per_worker"] == 2500.0
