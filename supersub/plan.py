@@ -16,7 +16,8 @@ validation set as ``test``), and the plan says so.
 
 Time: a task's training images at ``min(GPU rate, decode rate)`` of its workers, its validation
 images at three times the GPU rate (a forward is about a third of a training step) under the same
-decode bound. The rates are a file's (``--plan-throughput``) or measured here: the configured
+decode bound; no decode bound where the in-memory ``tensors`` loader holds decoded images, or where
+the ``dataset`` loader decodes on the workers' GPUs (``data.decode=cuda``, or ``auto`` there). The rates are a file's (``--plan-throughput``) or measured here: the configured
 network's training steps on this machine's device, and the uint8 tensor decode path on a
 synthetic 500×375 JPEG (ImageNet's most common size). Stages run in turn; the tasks of a stage run
 concurrently on the cluster the config implies (the network tasks' ``num_workers × GPUs``).
@@ -199,12 +200,14 @@ def plan_tasks(cfg: PipelineConfig, manifest, root: Path) -> list[PlannedTask]:
 
 
 # ----------------------------------------------------------------------------- time
-def estimate(tasks: list[PlannedTask], rates: Throughput, decode_bound: bool = True) -> None:
+def estimate(tasks: list[PlannedTask], rates: Throughput, decode_bound: bool = True, gpu_decode: bool = False) -> None:
     """Fills each task's ``hours``: training at ``workers × min(rate × GPU share, CPUs × decode)``,
-    validation at three times the device rate under the same decode bound."""
+    validation at three times the device rate under the same decode bound (none with
+    ``gpu_decode`` on a task with a GPU: ``data.decode=cuda``)."""
     for t in tasks:
         device = rates.train_per_worker * (min(t.gpus, 1.0) if t.gpus > 0 else 1.0)
-        decode = t.cpus * rates.decode_per_cpu if decode_bound else math.inf
+        bound = decode_bound and not (gpu_decode and t.gpus > 0)
+        decode = t.cpus * rates.decode_per_cpu if bound else math.inf
         train = t.workers * min(device, decode)
         val = t.workers * min(device * EVAL_SPEEDUP, decode)
         t.hours = (t.train_images / train + t.val_images / val) / 3600
@@ -392,7 +395,9 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
         decode_rate = measure_decode_rate(cfg.data.image_size)
         source["decode"] = "measured here: uint8 tensor path, one CPU, a synthetic 500×375 JPEG"
     rates = Throughput(train_rate, decode_rate, source)
-    estimate(tasks, rates, decode_bound=not in_memory)
+    # data.decode=cuda (or auto on GPU workers) decodes training JPEGs on the GPU: the dataset loader only.
+    gpu_decode = cfg.data.loader in ("auto", "dataset") and cfg.data.decode in ("auto", "cuda")
+    estimate(tasks, rates, decode_bound=not in_memory, gpu_decode=gpu_decode)
     workers, cpus, gpus = cfg.resources.scaling("network")
     cluster_gpus, cluster_cpus = workers * gpus, workers * cpus
     return {
@@ -400,7 +405,7 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
         "counts_from": counts_from,
         "counts": manifest.counts(),
         "rates": {"train_images_per_s_per_worker": train_rate, "decode_images_per_s_per_cpu": decode_rate,
-                  "decode_bound": not in_memory, "source": source},
+                  "decode_bound": not in_memory, "gpu_decode": gpu_decode, "source": source},
         "cluster": {"gpus": cluster_gpus, "cpus": cluster_cpus},
         "tasks": [{**dataclasses.asdict(t), "gpu_hours": t.gpu_hours, "cpu_hours": t.cpu_hours} for t in tasks],
         "totals": {"train_images": sum(t.train_images for t in tasks), "val_images": sum(t.val_images for t in tasks),
@@ -414,7 +419,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"rates: {plan['rates']['train_images_per_s_per_worker']:,.1f} training images/s a worker "
             f"({plan['rates']['source']['train']}); {plan['rates']['decode_images_per_s_per_cpu']:,.0f} decoded "
             f"images/s a CPU ({plan['rates']['source']['decode']})"
-            + ("" if plan["rates"]["decode_bound"] else "; in-memory tensors loader: no decode bound"),
+            + ("" if plan["rates"]["decode_bound"] else "; in-memory tensors loader: no decode bound")
+            + ("; data.decode on the GPU: no CPU decode bound on GPU workers" if plan["rates"].get("gpu_decode") else ""),
             "",
             f"{'stage':<28}{'task':<20}{'train images':>14}{'val images':>12}{'resources':>24}{'hours':>9}{'GPU-h':>9}"]
     for t in plan["tasks"]:
