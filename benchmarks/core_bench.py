@@ -16,7 +16,10 @@ case for routed groups), it prints and (``--json FILE``) writes:
   set (:func:`supersub.cost.activation_peak_bytes`) — the same on every run; beside it
   ``rss_peak_ratio``, the process's peak resident-set increase (each in a fresh process,
   ``--memory-probe``; on CUDA ``torch.cuda.max_memory_allocated``), which a busy allocator moves;
-* ``resident_bytes_ratio`` — what the predictor keeps (network + packed deltas) / one network.
+* ``resident_bytes_ratio`` — what the predictor keeps (network + packed deltas) / one network;
+* ``latency_ratio_trunk_router`` / ``flops_ratio_trunk_router`` — hard routing with the trunk
+  router (``generalist.kind=trunk_router``): stage one is stem..layer3 + the router head, then
+  only the routed specialist's ``layer4`` (deltas on ``layer4``).
 
 **Timings that hold on a busy machine.** Every model is timed once per round, interleaved
 (A B C A B C ...), for ``--rounds`` rounds; a ratio is the median of the per-round ratios, with
@@ -63,6 +66,7 @@ from supersub.delta import DeltaConfig, PackedDelta, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.models import ModelConfig, build_model, state_bytes
 from supersub.predictor import TwoStagePredictor
+from supersub.router import router_spec
 from supersub.routing import HARD, Routing
 
 
@@ -125,6 +129,10 @@ PAIRS = [
     Pair("latency_ratio_soft", "two_stage_soft2", "two-stage, soft top-2", contains="stage_one", at_least=1.0),
     Pair("latency_ratio_shared_trunk", "shared_trunk_hard", "two-stage, hard, shared trunk", contains="stage_one",
          at_least=1.0),
+    # The trunk router: stage one is the trunk (stem..layer3) + a small head, then only the routed
+    # specialist's layer4: every conv of one forward, plus the router's, plus the delta scatters.
+    Pair("latency_ratio_trunk_router", "trunk_router_hard", "two-stage, hard, trunk router",
+         contains="trunk_router_stage_one", at_least=1.0),
     # The control: a copy of the same network. Far from 1, nothing this run timed can be trusted.
     Pair("latency_ratio_control", "one_network_copy", "control: the same network again", near=1.0),
 ]
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--subclasses", type=int, default=20, help="subclasses per superclass")
     p.add_argument("--keep", type=float, default=0.05)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--router-width", type=float, default=0.5, help="the trunk router's conv, x the trunk's channels")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", "--repeats", dest="repeats", type=int, default=15,
                    help="interleaved rounds: every model timed once a round")
@@ -284,6 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Evaluation-style predictors: every decoded delta kept (the shipped serving default keeps 16).
     pred = TwoStagePredictor(copy.deepcopy(base), h, full, "vanilla", device, amp=amp, cache_bytes=1 << 34)
     pred_late = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34)
+    # generalist.kind=trunk_router: the router head on the layer3 trunk, the same layer4 deltas.
+    router = router_spec(base, 4, args.image_size, args.router_width, h.num_superclasses).build()
+    pred_router = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34,
+                                    router=router)
     soft2 = Routing("soft", 2)
     copy_net = copy.deepcopy(vanilla)
 
@@ -299,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
         "two_stage_hard": lambda: pred.predict(x, HARD),
         "two_stage_soft2": lambda: pred.predict(x, soft2),
         "shared_trunk_hard": lambda: pred_late.predict(x, HARD),
+        "trunk_router_stage_one": lambda: pred_router.stage1(x),
+        "trunk_router_hard": lambda: pred_router.predict(x, HARD),
     }
     load_before = load_average()
     times = interleaved(models, rounds=args.repeats, warmup=2, device=device)

@@ -14,6 +14,7 @@ passes per image, as measured on the real test routing) × one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from supersub.models import STAGES, ResNet
+from supersub.models import BACKBONES, STAGES, ModelConfig, ResNet, build_model
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -49,6 +50,32 @@ def two_stage_flops(predictor, image_size: int) -> tuple[int, int]:
     s = min(predictor.deltas)
     one_pass = count_flops(lambda: predictor.specialist(s, trunk))
     return stage1, one_pass
+
+
+def flops_matched_model(model: ModelConfig, num_classes: int, image_size: int, flops_ratio: float) -> ModelConfig | None:
+    """The biggest wider and/or deeper variant of ``model`` whose FLOPs per image are at most
+    ``flops_ratio`` × ``model``'s: the "just make it bigger" control at a two-stage model's
+    inference compute (``baselines.scaled_flops``). None when no bigger variant fits — a
+    ResNet's channels come in steps of 8 and a block costs about a quarter of a small network,
+    so a model at ~1.05 networks of FLOPs has only the vanilla network itself as its match."""
+    base_depths = list(model.depths or BACKBONES[model.backbone][1])
+    base_flops = network_flops(build_model(model, num_classes, image_size), image_size)
+    extra_blocks = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1)]
+    best, best_flops, seen = None, base_flops, set()
+    for j in range(17):
+        width = round(model.width * (1 + j / 16), 4)
+        for extra in extra_blocks:
+            depths = [d + e for d, e in zip(base_depths, extra)]
+            cand = dataclasses.replace(model, width=width, depths=depths)
+            net = build_model(cand, num_classes, image_size)
+            key = (tuple(p.shape for p in net.parameters()),)
+            if key in seen:
+                continue
+            seen.add(key)
+            f = network_flops(net, image_size)
+            if best_flops < f <= flops_ratio * base_flops:
+                best, best_flops = cand, f
+    return best
 
 
 def pass_flops(model: ResNet, first_stage: int, image_size: int, device: torch.device | str = "cpu") -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from supersub import atomic
 from supersub.bundle import write_bundle
 from supersub.config import ConfigError, save_config, to_dict
+from supersub.cost import flops_matched_model
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec, epoch_images
 from supersub.evaluation import EvaluationInputs, evaluate_run, save_predictions
@@ -272,13 +273,25 @@ def run_pipeline(
 
     log("== evaluation")
     metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
+    # The controls sized by the served model's inference FLOPs, known only now.
+    served = metrics["models"][metrics["serves"]["model"]]
     if cfg.baselines.ensemble == "auto":
-        served = metrics["models"][metrics["serves"]["model"]]
         members = ensemble_size(served["flops_ratio"])
         log(f"ensemble: the served two-stage model costs {served['flops_ratio']:.3f} networks of FLOPs an image: "
             f"{members} member(s)")
         b.extra["ensemble"] = ensemble_members(cfg, b.first_data, root, members)
-        run_tasks(runner, b.extra["ensemble"], cfg.resources, log)
+    if cfg.baselines.scaled_flops:
+        bigger = flops_matched_model(cfg.model, b.hierarchy.num_subclasses, cfg.data.image_size, served["flops_ratio"])
+        if bigger is None:
+            log(f"vanilla_flops: no wider or deeper network fits in {served['flops_ratio']:.3f} networks of FLOPs: "
+                "the vanilla network is the FLOPs-matched control")
+        else:
+            log(f"vanilla_flops: width {bigger.width}, depths {bigger.depths} fit in {served['flops_ratio']:.3f} networks "
+                "of FLOPs")
+            b.extra["vanilla_flops"] = [network_task("vanilla_flops", "fine", cfg, b.first_data, root, model=bigger)]
+    late = [t for k in ("ensemble", "vanilla_flops") for t in b.extra.get(k, [])]
+    if late:
+        run_tasks(runner, late, cfg.resources, log)
         metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
     metrics["wall_seconds"] = time.perf_counter() - t0
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -108,6 +108,10 @@ class BaselinesConfig:
     scaled: bool = field(False, help="a wider vanilla network (the 'just make it bigger' baseline, equal bytes)")
     scaled_width: float = field(1.25, help="width multiplier of the scaled-up vanilla network")
     scaled_depths: list[int] | None = field(None, help="blocks per stage of the scaled-up vanilla network (null: same)")
+    scaled_flops: bool = field(
+        False, help="a wider and/or deeper vanilla network at (at most) the served two-stage model's inference FLOPs per "
+        "image, chosen after the first evaluation: the 'just make it bigger' control at equal inference compute"
+    )
     vanilla_long: bool = field(
         False, help="the vanilla network trained on as many images as the vanilla network + all specialists "
         "(same recipe, longer schedule): equal training compute"

@@ -20,6 +20,7 @@ LABELS = {
     "vanilla": "vanilla",
     "vanilla_long": "vanilla, trained longer (equal images)",
     "vanilla_scaled": "vanilla, scaled up (equal bytes)",
+    "vanilla_flops": "vanilla, wider/deeper (equal inference FLOPs)",
     "ensemble": "ensemble of vanilla networks",
     "delta_all": "one delta on all classes",
     "delta_all_pooled": "one delta on all classes, pooled",

@@ -18,7 +18,7 @@ import numpy as np
 from supersub.stats import mean_sd, paired_bootstrap
 
 # Row order: the vanilla network and its controls first, then the two-stage models.
-ORDER = ("vanilla", "vanilla_long", "vanilla_scaled", "ensemble", "delta_all", "delta_all_pooled", "two_stage_hard",
+ORDER = ("vanilla", "vanilla_long", "vanilla_scaled", "vanilla_flops", "ensemble", "delta_all", "delta_all_pooled", "two_stage_hard",
          "two_stage_soft", "two_stage_hard_pooled", "two_stage_soft_pooled", "two_stage_served", "two_stage_oracle")
 COST_KEYS = ("bytes_in_networks", "train_images", "flops_per_image", "flops_ratio", "latency_ratio",
              "specialist_passes_per_image", "crossing_error_share", "crossing_error_chance", "superclass_acc")

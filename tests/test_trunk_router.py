@@ -12,10 +12,10 @@ from test_predictor import make_hierarchy, make_predictor
 
 from supersub.bundle import load_bundle, write_bundle
 from supersub.config import ConfigError, load_config
-from supersub.cost import network_flops, two_stage_flops
+from supersub.cost import flops_matched_model, network_flops, two_stage_flops
 from supersub.delta import DeltaConfig
 from supersub.errors import BundleError
-from supersub.models import STAGES, ModelConfig
+from supersub.models import STAGES, ModelConfig, build_model
 from supersub.networks import NetworkSpec
 from supersub.pipeline import run_pipeline
 from supersub.pipeline_config import PipelineConfig
@@ -125,9 +125,15 @@ def test_pipeline_trains_the_router_and_evaluate_reproduces_it(tmp_path, capsys)
     from supersub.cli import main
 
     cfg = tiny("generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_optim.epochs=2",
-               "generalist.router_optim.batch_size=32", "baselines.vanilla_long=false", "baselines.delta_all=false")
+               "generalist.router_optim.batch_size=32", "baselines.vanilla_long=false", "baselines.delta_all=false",
+               "baselines.scaled_flops=true")
     metrics = run_pipeline(cfg, tmp_path, log=quiet)
     models = metrics["models"]
+    served = models[metrics["serves"]["model"]]
+    bigger = flops_matched_model(cfg.model, 9, 16, served["flops_ratio"])
+    assert ("vanilla_flops" in models) == (bigger is not None)  # the FLOPs-matched bigger network, when one fits
+    if bigger is not None:
+        assert 1.0 < models["vanilla_flops"]["flops_ratio"] <= served["flops_ratio"] + 1e-9
     assert "two_stage_hard_pooled" not in models and "two_stage_soft_pooled" not in models  # nothing to pool with
     assert models["two_stage_hard"]["flops_ratio"] <= 1.05
     router_dir = metrics["tasks"]["router"]
@@ -153,3 +159,12 @@ def test_serving_refuses_pooling_without_the_vanilla_answer():
     assert check_routing(Routing.parse("soft:2@0.7"), 3, "trunk_router") is not None
     with pytest.raises(ValueError, match="trunk_router"):
         check_routing(Routing.parse("hard+0.5"), 3, "trunk_router")
+
+
+def test_the_flops_matched_network_is_the_biggest_that_fits():
+    m = ModelConfig(backbone="resnet10", width=0.125)
+    assert flops_matched_model(m, 9, 16, 1.0) is None  # nothing bigger costs no more than the network itself
+    base = network_flops(build_model(m, 9, 16), 16)
+    for ratio in (1.5, 2.5):
+        f = network_flops(build_model(flops_matched_model(m, 9, 16, ratio), 9, 16), 16)
+        assert base < f <= ratio * base
