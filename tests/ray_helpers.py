@@ -124,7 +124,7 @@ def tiny_run(root: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         # A relative --out, as a user types it: Ray Train workers run in another directory.
         relative = Path(os.path.relpath(out))
-        metrics = call_with_timeout(run, 480, tiny_config(out, uri), relative, log=lines.append)
+        metrics = call_with_timeout(run, 900, tiny_config(out, uri), relative, log=lines.append)  # a loaded 2-core host
         _CACHE["tiny"] = {"out": out, "metrics": metrics, "log": lines, "uri": uri,
                           "seconds": time.perf_counter() - t0}
     return _CACHE["tiny"]
