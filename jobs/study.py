@@ -32,7 +32,7 @@ from supersub.errors import UserError
 from supersub.pipeline import check_inputs, run_pipeline
 from supersub.pipeline_config import PipelineConfig, absolute_paths
 from supersub.runner import LocalRunner
-from supersub.study import summarise, write_summary
+from supersub.study import summarise, write_regime_map, write_summary
 
 
 def load_study(path: str | Path) -> tuple[Path, dict[str, dict[str, Any]]]:
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results, bootstrap=1000)
     write_summary(table, out)
     print((out / "study.md").read_text(), flush=True)
+    if write_regime_map(results, out, bootstrap=1000):
+        print("the regime map (each two-stage model minus the best control at no more than its FLOPs):\n"
+              + (out / "regime_map.md").read_text(), flush=True)
     return 0
 
 

@@ -225,3 +225,25 @@ def severity_histogram(hists: dict[str, dict[int, int]], path: Path) -> Path:
     ax.set_title("Mistake severity")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
+
+
+def regime_map_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The regime map: per cell and two-stage model, its top-1 minus the best control at no more
+    than its inference FLOPs, with the 95 % interval (points above zero: specialisation paid)."""
+    plt = _plt()
+    rows = [r for r in rows if r.get("minus_best_control")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2.0), 4.2))
+    x = np.arange(len(rows))
+    d = np.array([r["minus_best_control"]["delta"] for r in rows])
+    lo = d - np.array([r["minus_best_control"]["low"] for r in rows])
+    hi = np.array([r["minus_best_control"]["high"] for r in rows]) - d
+    colours = ["tab:green" if r["minus_best_control"]["low"] > 0 else "tab:red" if r["minus_best_control"]["high"] < 0
+               else "tab:gray" for r in rows]
+    ax.bar(x, d, 0.6, color=colours, yerr=[lo, hi], capsize=3)
+    ax.axhline(0, color="black", lw=0.8)
+    names = [f"{r['variant']}\n{r['model'].removeprefix('two_stage_')}\nvs {r['best_control']}" for r in rows]
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_ylabel("top-1 points: two-stage − best control")
+    ax.set_title("Where Super-Sub pays: two-stage minus the best control at ≤ its inference FLOPs (95 % CI)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -91,6 +91,95 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- the regime map
+# The controls a two-stage model is judged against: every model that is not the two-stage model.
+CONTROLS = ("vanilla", "vanilla_long", "vanilla_scaled", "vanilla_flops", "ensemble", "delta_all", "delta_all_pooled")
+FLOPS_SLACK = 0.02  # as ensemble_size: a specialist's head is a hair smaller than the vanilla one's
+
+
+def _cell(run_dir: str) -> dict[str, Any]:
+    """What places a run in the map: images per class, width, tail (delta stages), stage one."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    per_class = cfg["data"].get("max_train_per_class")
+    return {"images_per_class": "all" if per_class is None else int(per_class), "width": cfg["model"]["width"],
+            "tail": "+".join(cfg["delta"]["stages"]), "stage_one": cfg["generalist"]["kind"],
+            "delta": f"{cfg['delta']['keep']:g} kept, {cfg['delta']['bits']} bits"}
+
+
+def _mean(by_seed: dict[str, Any], seeds: list[str], model: str, key: str) -> float:
+    return float(np.mean([by_seed[s]["metrics"]["models"][model][key] for s in seeds]))
+
+
+def regime_map(results: dict[str, dict[str, Any]], bootstrap: int = 1000) -> list[dict[str, Any]]:
+    """One row per variant (a cell of the map) and two-stage model (``two_stage_hard`` and the
+    served one): its top-1 minus the best control whose inference FLOPs are at most its own, with
+    the paired bootstrap 95 % interval over test images (each image's correctness averaged over
+    the seeds both finished), beside bytes, training images and FLOPs of both."""
+    rows = []
+    for variant, by_seed in results.items():
+        seeds = sorted(by_seed, key=int)
+        first = by_seed[seeds[0]]
+        served = first["metrics"]["serves"]["model"]
+        for name in dict.fromkeys(["two_stage_hard", served]):
+            ms = [by_seed[s]["metrics"]["models"].get(name) for s in seeds]
+            if any(m is None for m in ms):
+                continue
+            flops = max(m["flops_ratio"] for m in ms)
+            controls = [c for c in CONTROLS if all(c in by_seed[s]["metrics"]["models"] for s in seeds)
+                        and max(by_seed[s]["metrics"]["models"][c]["flops_ratio"] for s in seeds) <= flops + FLOPS_SLACK]
+            if not controls:
+                continue
+            top1 = {c: float(np.mean([by_seed[s]["metrics"]["models"][c]["top1"] for s in seeds])) for c in controls}
+            best = max(controls, key=lambda c: top1[c])
+            mine = [_correct(by_seed[s]["dir"], name) for s in seeds]
+            theirs = [_correct(by_seed[s]["dir"], best) for s in seeds]
+            diff = (paired_bootstrap(np.mean(mine, 0), np.mean(theirs, 0), bootstrap)
+                    if all(v is not None for v in mine + theirs) else None)
+            rows.append({
+                "variant": variant, **_cell(first["dir"]), "model": name, "routing": ms[0].get("routing"),
+                "seeds": [int(s) for s in seeds], "top1": float(np.mean([m["top1"] for m in ms])),
+                "best_control": best, "best_control_top1": top1[best], "controls_considered": controls,
+                "minus_best_control": diff,
+                **{k: _mean(by_seed, seeds, name, k) for k in ("bytes_in_networks", "train_images", "flops_ratio")},
+                **{f"control_{k}": _mean(by_seed, seeds, best, k) for k in ("bytes_in_networks", "train_images", "flops_ratio")},
+            })
+    return rows
+
+
+def regime_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| cell (variant) | images / class | width | tail | two-stage model | top-1 | best control at ≤ its FLOPs "
+            "| its top-1 | two-stage − control [95 % CI] | bytes | train images | FLOPs |")
+    out = [head, "|" + "---|" * 12]
+    for r in rows:
+        d = r["minus_best_control"]
+        diff = f"**{d['delta']:+.2f}** [{d['low']:+.2f}, {d['high']:+.2f}]" if d else "—"
+        out.append(
+            f"| {r['variant']} | {r['images_per_class']} | {r['width']:g} | {r['tail']} | {r['model']} ({r['routing']}) "
+            f"| {r['top1']:.2f} | {r['best_control']} | {r['best_control_top1']:.2f} | {diff} "
+            f"| {r['bytes_in_networks']:.3f} vs {r['control_bytes_in_networks']:.3f} "
+            f"| {r['train_images']:,.0f} vs {r['control_train_images']:,.0f} "
+            f"| {r['flops_ratio']:.2f} vs {r['control_flops_ratio']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def write_regime_map(results: dict[str, dict[str, Any]], out: Path, bootstrap: int = 1000) -> list[dict[str, Any]]:
+    """``regime_map.md``, ``regime_map.png`` and ``regime_map`` in ``study.json``."""
+    rows = regime_map(results, bootstrap)
+    if not rows:
+        return rows
+    (out / "regime_map.md").write_text(regime_markdown(rows))
+    from supersub.plots import regime_map_plot
+
+    regime_map_plot(rows, out / "regime_map.png")
+    path = out / "study.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["regime_map"] = rows
+    path.write_text(json.dumps(doc, indent=2))
+    return rows
+
+
 def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
     """``study.md`` (the tables) and the rows into ``study.json``."""
     (out / "study.md").write_text(markdown(rows))

@@ -64,6 +64,18 @@ def test_study_writes_rows_with_the_controls_and_their_costs(tmp_path, capsys):
     # shared tasks: seed 1's vanilla network is also seed 0's second ensemble member, trained once
     assert len(list((out / "shared" / "tasks").glob("vanilla_seed1-*"))) == 1
     assert "| vanilla_long |" in (out / "study.md").read_text()
+    # the regime map: each two-stage model against the best control whose FLOPs it pays for
+    cells = {r["model"]: r for r in doc["regime_map"] if r["variant"] == "ours"}
+    assert "two_stage_hard" in cells and (out / "regime_map.png").is_file() and (out / "regime_map.md").is_file()
+    for name, cell in cells.items():
+        eligible = [c for c in ("vanilla", "vanilla_long", "delta_all", "delta_all_pooled", "ensemble")
+                    if c in rows and rows[c]["flops_ratio"] <= rows[name]["flops_ratio"] + 0.02]
+        assert sorted(cell["controls_considered"]) == sorted(eligible)
+        assert cell["best_control_top1"] == pytest.approx(max(rows[c]["top1"] for c in cell["controls_considered"]))
+        d = cell["minus_best_control"]
+        assert d["low"] <= d["delta"] <= d["high"]
+        assert d["delta"] == pytest.approx(cell["top1"] - cell["best_control_top1"], abs=1e-4)
+        assert cell["images_per_class"] == "all" and cell["width"] == 0.125
 
 
 def test_concurrent_study_processes_keep_each_others_results(tmp_path, monkeypatch):
