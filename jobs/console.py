@@ -131,7 +131,9 @@ def quiet_driver() -> None:
         # in their numbers — two specialists' epoch lines — into one "[repeated 2x]", later.
         lines = filter_lines(data.get("lines", []), data.get("pid"))
         if lines:
-            show({**data, "lines": lines}, sys.stderr if data.get("is_err") else sys.stdout)
+            sink = sys.stderr if data.get("is_err") else sys.stdout
+            show({**data, "lines": lines}, sink)
+            sink.flush()  # a console piped to a file (tee, a job log) gets each epoch as it ends
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", filtered)
