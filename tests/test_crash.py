@@ -310,16 +310,16 @@ def test_sigint_and_sigterm_stop_the_job_mark_runs_killed_and_a_rerun_continues(
 
 
 # ----------------------------------------------------------------------------- runner identity
-def test_the_runner_enters_a_task_identity_unless_it_is_ray(trained, tmp_path):
+def test_the_runner_enters_a_task_identity_unless_it_is_local(trained, tmp_path):
     """The local runner and Ray Train workers do not compute bit for bit alike, so a folder
     continued with the other runner must train anew rather than mix their weights; tasks trained
-    on Ray (the old default) keep their fingerprints."""
+    locally (every study) keep their fingerprints."""
     from supersub.pipeline import run_pipeline
 
     cfg, data, _ = trained
     local = network_task("vanilla", "fine", cfg, data, tmp_path)
     on_ray = network_task("vanilla", "fine", tiny("resources.runner=ray"), data, tmp_path)
-    assert local.identity()["runner"] == "local" and "runner" not in on_ray.identity()
+    assert on_ray.identity()["runner"] == "ray" and "runner" not in local.identity()
     assert local.fingerprint() != on_ray.fingerprint() and local.out_dir != on_ray.out_dir
     # a task's runner survives the round trip to a worker
     assert type(local).from_dict(local.to_dict()).fingerprint() == local.fingerprint()
@@ -329,4 +329,4 @@ def test_the_runner_enters_a_task_identity_unless_it_is_ray(trained, tmp_path):
     metrics = run_pipeline(cfg_ray, tmp_path / "run", log=lambda s: None)
     assert load_config(PipelineConfig, tmp_path / "run" / "config.yaml").resources.runner == "local"
     assert all("-" in Path(f).name for f in metrics["tasks"].values())
-    assert json.loads((Path(metrics["tasks"]["vanilla"]) / "task.json").read_text())["identity"]["runner"] == "local"
+    assert "runner" not in json.loads((Path(metrics["tasks"]["vanilla"]) / "task.json").read_text())["identity"]

@@ -24,7 +24,7 @@ def test_two_ray_jobs_train_a_task_once_and_a_damaged_run_state_falls_back(ray_s
     cfg = tiny_config(tmp_path, None, "train.epochs=2")
     data = data_options(cfg, prepare_data(cfg, tmp_path, log=lambda s: None))
     task = network_task("vanilla", "fine", cfg, data, tmp_path / "tasks")
-    assert "runner" not in task.identity()  # Ray: the identity (and folder) of before issue 20
+    assert task.identity()["runner"] == "ray"  # Ray and local runs never share a folder
 
     logs: list[list[str]] = [[], []]
     started = threading.Event()
@@ -62,6 +62,16 @@ def test_two_ray_jobs_train_a_task_once_and_a_damaged_run_state_falls_back(ray_s
     assert any(line.startswith("vanilla: model.safetensors is damaged (1,000 bytes") for line in lines), lines
     assert any(line.startswith(f"vanilla: Ray's run state {snapshot} is unreadable (empty)") and
                "resumes from its own last checkpoint" in line for line in lines), lines
+    assert sha256_file(weights) == before and task.done()
+
+    # The weights alone truncated, Ray's run state intact: Train restores the finished run, whose
+    # last checkpoint holds the outputs, and the driver copies them back — checked again.
+    weights.write_bytes(b"")
+    lines.clear()
+    call_with_timeout(run_tasks, 400, RayRunner(cfg.resources, tmp_path, log=lines.append), [task], cfg.resources,
+                      lines.append)
+    assert any(line.startswith("vanilla: model.safetensors is damaged (0 bytes") for line in lines), lines
+    assert not any("run state" in line for line in lines), lines
     assert sha256_file(weights) == before and task.done()
 
 

@@ -90,9 +90,11 @@ def runner_identity(runner: str) -> dict[str, Any]:
     compute bit for bit alike (another intra-op thread count sums floats in another order; on the
     issue's 2-core machine the vanilla network reached 37.67 % top-1 locally against 36.00 % under
     Ray, issue 20), so a folder continued with the other runner must not mix their weights. Only
-    a runner other than the old default ("ray") enters it: folders trained on Ray keep their
-    fingerprints."""
-    return {} if runner == "ray" else {"runner": runner}
+    a runner other than the local one enters it: the local runner is what every study runs
+    (``jobs.study``: hours of CPU or GPU, resumed across sessions by fingerprint), so its folders
+    keep their fingerprints; a Ray-trained task (the README's main job, minutes) is the one that
+    gets a new folder."""
+    return {} if runner == "local" else {"runner": runner}
 
 
 class Task:
