@@ -221,7 +221,8 @@ def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> RouterTask 
     if cfg.generalist.kind != "trunk_router":
         return None
     t = RouterTask(b.vanilla.out_dir, cfg.delta.first_stage, cfg.generalist.router_width, cfg.generalist.router_optim,
-                   b.data, "", cfg.seed, {"resident": network_hash(b.vanilla.out_dir)})
+                   b.data, "", cfg.seed, {"resident": network_hash(b.vanilla.out_dir)}, cfg.generalist.router_distill,
+                   runner=cfg.resources.runner)
     t.out_dir = folder_for(root, t.name, t.fingerprint())
     return t
 

@@ -67,14 +67,17 @@ class GeneralistConfig:
         0.5, help="trunk_router: channels of the router's conv, as a fraction of the trunk's (0: a linear head on the "
         "pooled trunk)"
     )
+    router_distill: float = field(
+        0.0, help="trunk_router: weight of distillation from the vanilla network's own superclass answer (0: labels only)"
+    )
     router_optim: OptimConfig = field(
         OptimConfig(epochs=10, batch_size=128, lr=0.1, warmup_epochs=0.0, weight_decay=5e-4),
         help="trunk_router: training of the router head (the trunk stays frozen)",
     )
 
     def __post_init__(self) -> None:
-        if not 0 <= self.router_width <= 4:
-            raise ValueError(f"generalist.router_width must be in [0, 4], got {self.router_width}")
+        if not 0 <= self.router_width <= 4 or not 0 <= self.router_distill <= 1:
+            raise ValueError("generalist: router_width must be in [0, 4] and router_distill in [0, 1]")
 
 
 @dataclass

@@ -126,7 +126,7 @@ def test_pipeline_trains_the_router_and_evaluate_reproduces_it(tmp_path, capsys)
 
     cfg = tiny("generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_optim.epochs=2",
                "generalist.router_optim.batch_size=32", "baselines.vanilla_long=false", "baselines.delta_all=false",
-               "baselines.scaled_flops=true")
+               "baselines.scaled_flops=true", "generalist.router_distill=0.5")
     metrics = run_pipeline(cfg, tmp_path, log=quiet)
     models = metrics["models"]
     served = models[metrics["serves"]["model"]]

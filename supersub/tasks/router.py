@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
+
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
 from supersub.fit import fit, peak_lr, summary
+from supersub.metrics import superclass_probs
 from supersub.networks import load_network, load_weights, save_weights
 from supersub.router import ROUTER_FILE, RoutedTrunk, RouterSpec, TrunkRouter, router_spec
-from supersub.tasks.base import DataOptions, Task, optim_identity, register
+from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
 from supersub.train import OptimConfig, seed_everything
 
 SPEC_FILE = "router.json"
@@ -35,6 +39,9 @@ class RouterTask(Task):
     out_dir: str
     seed: int = 0
     inputs: dict[str, str | None] = field(default_factory=dict)  # sha256 of the resident's weights
+    distill: float = 0.0  # weight of distillation from the resident's own superclass answer
+    distill_temperature: float = 2.0
+    runner: str = "ray"  # which runner trains it: see runner_identity
 
     @property
     def name(self) -> str:
@@ -42,7 +49,24 @@ class RouterTask(Task):
 
     def identity(self) -> dict[str, Any]:
         return {"first_stage": self.first_stage, "width": self.width, "optim": optim_identity(self.optim),
-                "data": self.data.identity(), "seed": self.seed, "inputs": dict(sorted(self.inputs.items()))}
+                "data": self.data.identity(), "seed": self.seed, "inputs": dict(sorted(self.inputs.items())),
+                **({"distill": self.distill, "distill_temperature": self.distill_temperature} if self.distill else {}),
+                **runner_identity(self.runner)}
+
+    def distill_loss(self, base, hierarchy, label_smoothing: float):
+        """``(1 - λ) CE + λ T² KL(teacher ‖ router)``: the teacher is the resident network's own
+        superclass answer (its subclass probabilities summed), which routes better than a head
+        on its trunk learns to from labels alone. Its forward costs one network an image."""
+        lam, T = self.distill, self.distill_temperature
+
+        def loss(logits, y, x):
+            with torch.no_grad():
+                fine = torch.softmax(base(x).float() / T, 1)
+                target = superclass_probs(fine, hierarchy)
+            kd = F.kl_div(F.log_softmax(logits / T, 1), target, reduction="batchmean") * T * T
+            return (1 - lam) * F.cross_entropy(logits, y, label_smoothing=label_smoothing) + lam * kd
+
+        return loss
 
     def loader_specs(self) -> dict[str, LoaderSpec]:
         bs = self.optim.batch_size
@@ -61,7 +85,8 @@ class RouterTask(Task):
         model = RoutedTrunk(base, router, self.first_stage).to(ctx.device)
         specs = self.loader_specs()
         train, val = self.loader(ctx, manifest, specs["train"]), self.loader(ctx, manifest, specs["val"])
-        history = fit(model, train, val, self.optim, ctx, out_dir, self.name)
+        loss_hook = self.distill_loss(base, h, self.optim.label_smoothing) if self.distill > 0 else None
+        history = fit(model, train, val, self.optim, ctx, out_dir, self.name, loss_hook=loss_hook)
         result = {"name": self.name, "peak_lr": peak_lr(self.optim, ctx.world_size),
                   **summary(history, time.perf_counter() - t0), "router": spec.to_dict()}
         result["val_acc"] = history[-1]["val_acc"] if history else float("nan")  # superclass accuracy on val
