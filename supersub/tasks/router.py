@@ -90,6 +90,8 @@ class RouterTask(Task):
         result = {"name": self.name, "peak_lr": peak_lr(self.optim, ctx.world_size),
                   **summary(history, time.perf_counter() - t0), "router": spec.to_dict()}
         result["val_acc"] = history[-1]["val_acc"] if history else float("nan")  # superclass accuracy on val
+        if self.distill > 0:  # the teacher's forward passes: training compute beside train_images
+            result["teacher_images"] = result["train_images"]
         if ctx.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_weights(router, out_dir / ROUTER_FILE)
