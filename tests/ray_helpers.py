@@ -46,6 +46,8 @@ ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # A loaded 2-core machine starts a worker group slowly; the default 60 s is too tight there.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180",
+    # and its dashboard, whose subprocess modules took over a minute (the default limit is 60 s)
+    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
     "OMP_NUM_THREADS": "1",
 }
 _CACHE: dict[str, Any] = {}
@@ -66,6 +68,9 @@ def start_session_ray() -> bool:
     if ray.is_initialized():
         return False
     ray_env()
+    import ray._private.ray_constants as constants
+
+    constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = int(ENV["RAY_DASHBOARD_STARTUP_TIMEOUT_S"])  # read when ray was imported
     from jobs.cli import start_or_join_ray
     from jobs.console import set_verbose
 
