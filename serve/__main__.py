@@ -14,8 +14,10 @@ needs around it:
   ports, which Ray binds to every interface, are moved to loopback (serve/haproxy_loopback.py).
   ``--proxy serve`` is Serve's own proxy, as ``serve run`` has it;
 * it prints one line when ``/healthz`` first answers ok (every stage has run a forward);
-* on SIGTERM or SIGINT it drains: it creates the app's ``drain_file``, so every ingress replica
-  answers new requests 503 with ``Retry-After`` (and ``/healthz`` 503, for a load balancer), waits
+* on SIGTERM or SIGINT it drains: it creates the app's ``drain_file``, dated ``--drain-grace-s``
+  (1 s) ahead, so every ingress replica answers ``/healthz`` 503 at once (for a load balancer) and,
+  once the grace is over — the requests already on their way are answered — new requests 503 with
+  ``Retry-After``; it waits
   until ``/healthz`` reports no request in flight (``--drain-timeout-s`` at most), then stops Serve
   and Ray and exits 0 — where ``serve run`` aborts on SIGTERM (exit 134).
 
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vanilla", action="store_true", help="serve the bundle's vanilla network (vanilla_app)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, wait at most this long for the requests in flight")
+    p.add_argument("--drain-grace-s", type=float, default=1.0,
+                   help="on SIGTERM, keep answering /predict this long (/healthz is 503 at once): requests "
+                   "already on their way are answered, not refused")
     p.add_argument("--proxy", choices=("haproxy", "serve"), default="haproxy",
                    help="haproxy (default): Serve's HAProxy ingress and throughput-optimised mode, every port it "
                    "opens on loopback (stats 8404, metrics 9101: RAY_SERVE_HAPROXY_STATS_PORT / _METRICS_PORT); "
@@ -106,6 +111,22 @@ def _launch_hint(e: BaseException) -> str:
     return "Ray's logs are under RAY_TMPDIR (default /tmp/ray)/session_latest/logs"
 
 
+def _start_ray(ray) -> None:
+    """``ray.init`` for the launcher; once more if Ray's node timed out during its start-up (an
+    overloaded machine: it happened in 3 of ~22 launches there, issue 21)."""
+    import logging
+
+    for attempt in (1, 2):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print("Ray did not start in time (overloaded machine?); trying once more", file=sys.stderr, flush=True)
+            ray.shutdown()
+
+
 def _reinstall(stop: threading.Event) -> None:
     # ray.init installs handlers of its own (SIGTERM: sys.exit); put ours back.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +151,7 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
         return 0
     try:
         try:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            _start_ray(ray)
         finally:
             _reinstall(stop)
         if not stop.is_set():
@@ -165,7 +186,12 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
         print("stopped", flush=True)
         return 0
     print("draining: new requests are answered 503 + Retry-After; finishing the ones in flight", flush=True)
-    Path(args["drain_file"]).touch()
+    # The file's date is when /predict starts refusing (serve.app.Ingress._refusing): until then
+    # the requests already sent — in HAProxy, or on their way to it — are answered.
+    drain, refuse_at = Path(args["drain_file"]), time.time() + max(0.0, a.drain_grace_s)
+    drain.touch()
+    os.utime(drain, (refuse_at, refuse_at))
+    time.sleep(max(0.0, a.drain_grace_s))
     left = wait_until_idle(url, a.drain_timeout_s)
     if left:
         cut = f"{left} request(s) in flight are cut" if left > 0 else "no draining /healthz answer seen"

@@ -261,6 +261,15 @@ class Ingress:
         # A stat() a request (~2 µs): every replica of every graph sees the flag at once, no RPC.
         return self.drain_file is not None and os.path.exists(self.drain_file)
 
+    def _refusing(self) -> bool:
+        """Draining, and past the drain file's modification time: ``python -m serve`` dates the
+        file a grace period ahead, so that requests already on their way when it was signalled
+        are still answered (/healthz says 503 from the start); a file made by hand refuses at once."""
+        try:
+            return self.drain_file is not None and os.stat(self.drain_file).st_mtime <= time.time()
+        except OSError:
+            return False
+
     def _routing(self, request: Request) -> str | None:
         unknown = sorted(set(request.query_params) - _QUERY)
         if unknown:
@@ -297,7 +306,7 @@ class Ingress:
         ``file`` parts, or JSON ``{"image": base64}`` / ``{"images": [base64, ...]}``. A batch
         (``images``, several files) is answered ``{"predictions": [...]}``."""
         t0 = time.perf_counter()
-        if self._is_draining():
+        if self._refusing():
             return _draining(InFlight.count - 1)  # not counting this one, which is refused
         chosen = self._routing(request)
         images, batch = await request_images(request, self.limits)
