@@ -90,7 +90,7 @@ def filter_lines(lines: list[str], pid) -> list[str]:
             skipping = False
             if _EXCEPTION_LINE.match(line):
                 continue  # the traceback's last line
-        if keep_forwarded(line, pid):
+        if line.strip() and keep_forwarded(line, pid):  # a worker's blank line says nothing
             kept.append(line)
     return kept
 
