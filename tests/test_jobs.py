@@ -74,6 +74,33 @@ def test_default_tracking_uri(tmp_path: Path, monkeypatch) -> None:
     assert remote.default_tracking_uri("sqlite:///rel.db") == f"sqlite:///{Path.cwd() / 'rel.db'}"
 
 
+def test_the_console_keeps_the_jobs_lines_and_drops_rays_chatter() -> None:
+    """What jobs.console shows of the lines Ray forwards and of the records Ray's loggers emit in
+    a worker (not verbose): the logs on disk are not touched by either."""
+    import logging
+
+    from jobs.console import _RayBelowWarning, filter_lines
+
+    lines = ["specialist_0 epoch 1/2: loss 1.1 val acc 50.0%", "",
+             "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'epoch': 1})",
+             "Failed to send resource request for train-9a. If this only happens transiently ...",
+             "Traceback (most recent call last):", '  File "client.py", line 58, in send', "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             "specialist_0 epoch 2/2: loss 1.0 val acc 58.3%", "ValueError: a real error stays"]
+    assert filter_lines(lines, 1234) == [lines[0], lines[8], lines[9]]
+    assert filter_lines(["WARNING: 8 PYTHON worker processes have been started"], "raylet") == []
+    keep = _RayBelowWarning()
+
+    def record(name: str, level: int, path: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "m", None, None)
+
+    report = "/x/site-packages/ray/train/v2/_internal/execution/context.py"
+    assert not keep.filter(record(report, logging.INFO, report))  # the logger named after its file
+    assert not keep.filter(record("ray.train", logging.INFO, "/x/site-packages/ray/train/a.py"))
+    assert keep.filter(record("ray.train", logging.WARNING, "/x/site-packages/ray/train/a.py"))
+    assert keep.filter(record("root", logging.INFO, "/work/main/supersub/fit.py"))  # the job's own
+
+
 def test_downloaded_bundles_are_cached_beside_the_tracking_store(tmp_path: Path, monkeypatch) -> None:
     import supersub.remote as remote
 
