@@ -130,3 +130,29 @@ def test_a_signal_stops_a_ray_job_starts_nothing_after_it_and_ends_every_run_kil
     runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {"pipeline:default (run)": "KILLED", "vanilla": "KILLED"}
     print(f"stopped {stopped_in:.1f} s after {signame}")
+
+
+def test_outputs_copied_back_from_a_ray_checkpoint_leave_the_lock_and_temp_files(tmp_path: Path) -> None:
+    """The driver's copy of a run's last checkpoint into the task folder (a worker on another
+    node, or a finished run restored): the lock another process holds stays the same file, a
+    temporary file in the checkpoint is not copied."""
+    import os
+
+    from jobs.runner import RayRunner
+
+    src, out = tmp_path / "ckpt", tmp_path / "task"
+    src.mkdir()
+    out.mkdir()
+    for name in ("model.safetensors", "metrics.json", ".lock", "checkpoint.pt.tmp123"):
+        (src / name).write_text(name)
+    (out / ".lock").write_text("held")
+    inode = os.stat(out / ".lock").st_ino
+
+    class Checkpoint:
+        def to_directory(self, path: str) -> None:
+            for p in src.iterdir():
+                (Path(path) / p.name).write_bytes(p.read_bytes())
+
+    RayRunner._materialise(Checkpoint(), out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.json", "model.safetensors"]
+    assert os.stat(out / ".lock").st_ino == inode and (out / ".lock").read_text() == "held"
