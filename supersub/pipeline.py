@@ -276,11 +276,13 @@ def run_pipeline(
     metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
     # The controls sized by the served model's inference FLOPs, known only now.
     served = metrics["models"][metrics["serves"]["model"]]
+    late: list[NetworkTask] = []
     if cfg.baselines.ensemble == "auto":
         members = ensemble_size(served["flops_ratio"])
         log(f"ensemble: the served two-stage model costs {served['flops_ratio']:.3f} networks of FLOPs an image: "
             f"{members} member(s)")
         b.extra["ensemble"] = ensemble_members(cfg, b.first_data, root, members)
+        late += b.extra["ensemble"]
     if cfg.baselines.scaled_flops:
         bigger = flops_matched_model(cfg.model, b.hierarchy.num_subclasses, cfg.data.image_size, served["flops_ratio"])
         if bigger is None:
@@ -290,7 +292,7 @@ def run_pipeline(
             log(f"vanilla_flops: width {bigger.width}, depths {bigger.depths} fit in {served['flops_ratio']:.3f} networks "
                 "of FLOPs")
             b.extra["vanilla_flops"] = [network_task("vanilla_flops", "fine", cfg, b.first_data, root, model=bigger)]
-    late = [t for k in ("ensemble", "vanilla_flops") for t in b.extra.get(k, [])]
+            late += b.extra["vanilla_flops"]
     if late:
         run_tasks(runner, late, cfg.resources, log)
         metrics = evaluate(cfg, out, b, specialists, tasks, log, router)
