@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from supersub import atomic
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
 from supersub.fit import fit, peak_lr, summary
@@ -95,8 +96,8 @@ class RouterTask(Task):
         if ctx.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_weights(router, out_dir / ROUTER_FILE)
-            (out_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-            self.write_result(result)
+            atomic.write_text(out_dir / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+            self.write_result(result, [ROUTER_FILE, SPEC_FILE])
         return result
 
 
