@@ -23,6 +23,7 @@ from supersub.delta import DeltaConfig, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.models import ModelConfig, build_model
 from supersub.networks import NetworkSpec
+from supersub.router import router_spec
 
 IMAGE_SIZE = 32
 # What a pipeline would have calibrated; the bundle serves "soft" (threshold 0.9: some pictures
@@ -50,10 +51,12 @@ def _probe_images(n: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fit_head(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor, scale: float) -> None:
-    """A random head over standardised features: random networks map every picture to about
-    the same features, and a plain random head would answer one class for all of them."""
-    h = torch.flatten(net.avgpool(net.forward_stages(x)), 1)
+def _fit_head(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor, scale: float,
+              feats: torch.Tensor | None = None) -> None:
+    """A random head over standardised features (``feats``, else the network's pooled ones):
+    random networks map every picture to about the same features, and a plain random head would
+    answer one class for all of them."""
+    h = feats if feats is not None else torch.flatten(net.avgpool(net.forward_stages(x)), 1)
     mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
     w = torch.randn(head.out_features, h.shape[1]) / h.shape[1] ** 0.5 * scale / sd
     head.weight.copy_(w)
@@ -78,9 +81,11 @@ def make_tiny_bundle(
     num_superclasses: int = 3,
     routings: dict[str, str] | None = None,
     seed: int = 0,
+    router: bool = False,
 ) -> Path:
     """Writes a bundle to ``out``: the resident network, one delta per superclass (with an
-    "other" output) and, for a generalist resident, a vanilla baseline."""
+    "other" output), for a generalist resident a vanilla baseline and, with ``router``, a trunk
+    router (stage one on the trunk before ``stages``; its routings cannot pool)."""
     torch.manual_seed(seed)
     h = tiny_hierarchy(num_superclasses)
     mc = ModelConfig(backbone="resnet10", width=0.25)
@@ -112,8 +117,20 @@ def make_tiny_bundle(
         serves={"model": "two_stage_soft", "routing": (routings or ROUTINGS[resident])["soft"]},
         evaluation={"batch_size": 64, "top": 3},
         baselines=baselines,
+        router=_router(base, cfg, h.num_superclasses, x) if router else None,
     )
     return Path(out)
+
+
+def _router(base: torch.nn.Module, cfg: DeltaConfig, num_superclasses: int, x: torch.Tensor):
+    """A trunk router whose random head is standardised on ``x`` (so images route to many superclasses)."""
+    spec = router_spec(base, cfg.first_stage, IMAGE_SIZE, 0.5, num_superclasses)
+    router = spec.build().eval()
+    with torch.no_grad():
+        trunk = router.conv(base.forward_stages(x, 0, cfg.first_stage))
+        feats = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(trunk, 1), 1)
+        _fit_head(router, router.fc, x, 3.0, feats)
+    return router, spec
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:

@@ -50,6 +50,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "vanilla": make_tiny_bundle(root / "vanilla", resident="vanilla", stages=("layer3", "layer4")),
         "generalist": make_tiny_bundle(root / "generalist", resident="generalist",
                                        stages=("stem", "layer1", "layer2", "layer3", "layer4")),
+        "router": make_tiny_bundle(root / "router", resident="vanilla", stages=("layer4",), router=True,
+                                   routings={"hard": "hard", "soft": "soft:2@0.9"}),
     }
 
 
@@ -72,6 +74,9 @@ def server(ray_session, bundles: dict[str, Path]) -> Iterator[str]:
     serve.run(app({"bundle": b, "graph": "stages", **LIMITS}), name="stages", route_prefix="/stages")
     serve.run(vanilla_app({"bundle": str(bundles["generalist"]), "replicas": 1, **LIMITS}), name="vanilla",
               route_prefix="/vanilla")
+    # The trunk router's bundle through the per-stage graph: stage one on the trunk in the Generalist.
+    serve.run(app({"bundle": str(bundles["router"]), "graph": "stages", "replicas": 1, **LIMITS}), name="router",
+              route_prefix="/router")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -370,6 +375,30 @@ def test_answers_equal_the_offline_predictor_with_their_routing(client: httpx.Cl
             assert got["superclass"]["index"] == int(sup[j].argmax())
             routed.add(got["superclass"]["id"])
     assert len(routed) > 1
+
+
+def test_a_trunk_router_bundle_answers_as_the_offline_predictor(client: httpx.Client, bundles: dict[str, Path]) -> None:
+    """generalist.kind=trunk_router through the per-stage graph: the Generalist's stage one is the
+    trunk + router, the Specialist runs only the tail; pooling has nothing to pool with (422)."""
+    b = load_bundle(bundles["router"])
+    assert b.stage_one == "trunk_router"
+    C = b.hierarchy.num_subclasses
+    images = [image_bytes(40 + i) for i in range(4)]
+    x = torch.stack([_x(d) for d in images])
+    for asked in (None, "hard", "soft:3@0.8"):
+        routing = resolve_routing(b, asked)
+        fine, sup = b.predictor().predict(x, routing)
+        for j, d in enumerate(images):
+            r = client.post(f"/router/predict?top_k={C}" + (f"&routing={asked}" if asked else ""), content=d,
+                            headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            probs = {e["id"]: e["probability"] for e in r.json()["top_k"]}
+            want = dict(zip(b.hierarchy.subclass_ids, fine[j].tolist()))
+            assert max(abs(probs[k] - want[k]) for k in want) < 1e-5, (asked, j)
+            assert r.json()["superclass"]["index"] == int(sup[j].argmax())
+    r = client.post("/router/predict?routing=hard%2B0.5", content=images[0], headers={"content-type": "image/jpeg"})
+    assert r.status_code == 422 and "trunk_router" in r.json()["detail"]
+    assert client.get("/router/healthz").json()["stage_one"] == "trunk_router"
 
 
 @pytest.mark.parametrize("fmt,mime", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
