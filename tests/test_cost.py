@@ -51,9 +51,14 @@ def test_core_bench_never_reports_a_two_stage_ratio_below_one_and_trusts_nothing
     base = [1.0, 1.2, 0.9, 1.1, 1.0]
     times = {"one_network": base, "one_network_copy": list(base), "stage_one": [1.01 * t for t in base],
              "two_stage_hard": [0.4 * t for t in base],  # a busy spell on the baseline: impossible
-             "two_stage_soft2": [3.0 * t for t in base], "shared_trunk_hard": [1.5 * t for t in base]}
+             "two_stage_soft2": [3.0 * t for t in base], "shared_trunk_hard": [1.5 * t for t in base],
+             "trunk_router_stage_one": [0.8 * t for t in base], "trunk_router_hard": [1.05 * t for t in base]}
     r = bench.latency_ratios(times)
     assert r["latency_ratio_hard"].value is None and "impossible" in r["latency_ratio_hard"].why
+    assert r["latency_ratio_trunk_router"].value == pytest.approx(1.05)
+    times["trunk_router_hard"] = [0.9 * t for t in base]  # less work than one forward: impossible
+    assert bench.latency_ratios(times)["latency_ratio_trunk_router"].value is None
+    times["trunk_router_hard"] = [1.05 * t for t in base]
     assert r["latency_ratio_soft"].value == pytest.approx(3.0) and r["latency_ratio_shared_trunk"].value == pytest.approx(1.5)
     times["one_network_copy"] = [2.0 * t for t in base]  # the same network timed twice disagrees
     r = bench.latency_ratios(times)
