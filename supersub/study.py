@@ -121,14 +121,16 @@ def regime_map(results: dict[str, dict[str, Any]], bootstrap: int = 1000) -> lis
     for variant, by_seed in results.items():
         seeds = sorted(by_seed, key=int)
         first = by_seed[seeds[0]]
-        served = first["metrics"]["serves"]["model"]
-        for name in dict.fromkeys(["two_stage_hard", served]):
+        served = first["metrics"].get("serves", {}).get("model")
+        for name in dict.fromkeys(n for n in ("two_stage_hard", served) if n):
             ms = [by_seed[s]["metrics"]["models"].get(name) for s in seeds]
-            if any(m is None for m in ms):
+            if any(m is None or m.get("flops_ratio") is None for m in ms):  # a run without costs: not on the map
                 continue
             flops = max(m["flops_ratio"] for m in ms)
-            controls = [c for c in CONTROLS if all(c in by_seed[s]["metrics"]["models"] for s in seeds)
-                        and max(by_seed[s]["metrics"]["models"][c]["flops_ratio"] for s in seeds) <= flops + FLOPS_SLACK]
+            costed = [c for c in CONTROLS if all(by_seed[s]["metrics"]["models"].get(c, {}).get("flops_ratio") is not None
+                                                 for s in seeds)]
+            controls = [c for c in costed
+                        if max(by_seed[s]["metrics"]["models"][c]["flops_ratio"] for s in seeds) <= flops + FLOPS_SLACK]
             if not controls:
                 continue
             top1 = {c: float(np.mean([by_seed[s]["metrics"]["models"][c]["top1"] for s in seeds])) for c in controls}
