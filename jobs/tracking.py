@@ -205,7 +205,7 @@ class MlflowTracker:
         the artifacts and the bundle as a (registered) MLflow model."""
         models = {f"models/{name}/{k}": v for name, m in metrics["models"].items()
                   for k, v in numeric(dotted_keys({x: y for x, y in m.items() if x != "routing"})).items()}
-        _log(self.client, self.run_id, metrics={**headline(metrics), **models}, lock=self._lock)
+        _log(self.client, self.run_id, metrics={**numeric(headline(metrics)), **models}, lock=self._lock)
         for family, routing in metrics["routing"].items():
             self.client.set_tag(self.run_id, f"routing.{family}", routing)
         self.client.set_tag(self.run_id, "routing.served", f"{metrics['serves']['model']} ({metrics['serves']['routing']})")

@@ -164,11 +164,12 @@ def test_pipeline_and_tune_beside_another_ray(tiny: dict, tmp_path: Path) -> Non
     uri = "sqlite:///" + str(tmp_path / "mlflow.db")
     temp_dir = tempfile.mkdtemp(prefix="ss2r-", dir="/tmp")
     # lr 1e-9 leaves the specialist's new head at chance level, where lr 0.2 (the config's) trains
-    # it: ASHA stops trial 2 at its first rung, below trial 1; trial 3 must still start after it
-    # (the stopped trial's resources freed: the State API reached the right cluster).
+    # it: ASHA stops trial 2 at its first rung (epoch 1 of 2: a one-epoch trial ends at its rung,
+    # completed, and is never stopped), below trial 1; trial 3 must still start after it (the
+    # stopped trial's resources freed: the State API reached the right cluster).
     space = tmp_path / "asha.yaml"
     space.write_text("num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {grace_period: 1, reduction_factor: 2}\n"
-                     "overrides: [specialist.optim.epochs=1]\n"
+                     "overrides: [specialist.optim.epochs=2]\n"
                      "space:\n  specialist.optim.lr: {grid: [0.2, 1.0e-9, 0.2]}\n")
     logs = {}
     try:
