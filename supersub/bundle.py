@@ -219,7 +219,8 @@ class Bundle:
             raise BundleError(f"bundle file {name} was changed: its sha256 does not match the manifest")
         return data
 
-    def _load_network(self, spec: NetworkSpec, file: str) -> ResNet:
+    def _load_network(self, spec: NetworkSpec | RouterSpec, file: str):
+        """``spec.build()`` with the weights of a listed safetensors file (a network or the router)."""
         try:
             state = st_load(self.read(file))
         except BundleError:
@@ -238,17 +239,7 @@ class Bundle:
         """The trunk router (stage one on the resident's trunk), or None when the resident routes."""
         if self.router_spec is None:
             return None
-        file = self.manifest["router"]["file"]
-        try:
-            state = st_load(self.read(file))
-        except BundleError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors has its own error type for bad bytes
-            raise BundleError(f"bundle file {file} is not a safetensors file ({type(e).__name__})") from None
-        try:
-            return load_state(self.router_spec.build(), state, f"bundle file {file}")
-        except ValueError as e:
-            raise BundleError(str(e)) from None
+        return self._load_network(self.router_spec, self.manifest["router"]["file"])
 
     def load_deltas(self) -> dict[int, PackedDelta]:
         out = {}
