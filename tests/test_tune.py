@@ -66,6 +66,42 @@ def test_apply_params_validates_the_task_and_pareto_front(tmp_path: Path) -> Non
     assert [t["trial_id"] for t in pareto_front(trials)] == [0, 2, 4]
 
 
+@pytest.mark.mlflow
+def test_trial_runs_failed_by_the_stop_end_killed(tmp_path: Path) -> None:
+    """A trial whose run its own process ended FAILED because the job's signal stopped it is
+    KILLED, not FAILED; one that failed before the signal stays FAILED; ASHA's stop FINISHED."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tune import _end_trial_runs
+
+    client = MlflowClient("sqlite:///" + str(tmp_path / "mlflow.db"))
+    exp = client.create_experiment("t")
+    parent = client.create_run(exp, run_name="tune:x").info.run_id
+
+    def trial(name: str, status: str | None) -> str:
+        run = client.create_run(exp, run_name=f"trial {name}", tags={"mlflow.parentRunId": parent}).info.run_id
+        if status:
+            client.set_terminated(run, status)
+        return run
+
+    early_failure = trial("a", "FAILED")
+    time.sleep(0.01)
+    signal_at = time.time()
+    time.sleep(0.01)
+    stopped = trial("b", "FAILED")  # its trainer.fit() raised when Tune stopped it
+    running, asha = trial("c", None), trial("d", None)
+    trials = [{"trial_id": "a", "status": "error", "error": "ValueError: x"},
+              {"trial_id": "b", "status": "error", "error": "TrainingFailedError: stopped"},
+              {"trial_id": "c", "status": "interrupted"}, {"trial_id": "d", "status": "stopped early"}]
+    tracker = SimpleNamespace(client=client, run_id=parent, experiment_id=exp)
+    _end_trial_runs(tracker, trials, interrupted_at=signal_at)
+    status = {r: client.get_run(r).info.status for r in (early_failure, stopped, running, asha)}
+    assert status == {early_failure: "FAILED", stopped: "KILLED", running: "KILLED", asha: "FINISHED"}
+    assert trials[1] == {"trial_id": "b", "status": "interrupted"} and trials[0]["status"] == "error"
+
+
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
