@@ -218,7 +218,11 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     stage1_flops, one_pass = two_stage_flops(predictor, inputs.image_size)
     total_bytes = (state_bytes(resident) + sum(d.nbytes for d in deltas.values())
                    + (state_bytes(router[0]) if router else 0)) / vanilla_bytes
-    trained = (_train_images(inputs.resident_dir) + sum(_train_images(d) for d in inputs.specialist_dirs)
+    # A router that finetuned the trunk is also the resident: the vanilla network it started from
+    # counts once, the finetuning once.
+    finetuned = inputs.router_dir is not None and inputs.resident_dir == inputs.router_dir
+    trained = (_train_images(inputs.vanilla_dir if finetuned else inputs.resident_dir)
+               + sum(_train_images(d) for d in inputs.specialist_dirs)
                + (_train_images(inputs.vanilla_dir) if own and inputs.specialists_use_vanilla else 0)
                + _train_images(inputs.router_dir))  # the router's images went through the trunk too
     reported = {f"two_stage_{f}": r for f, r in chosen.items()}

@@ -155,10 +155,18 @@ class BaseNetworks:
     vanilla: NetworkTask
     generalist: NetworkTask | None
     extra: dict[str, list[NetworkTask]]  # vanilla_scaled, ensemble members (trained beside the vanilla network)
+    finetuned: RouterTask | None = None  # router_trunk=finetune: the vanilla network finetuned with the router
 
     @property
     def resident_dir(self) -> str:
-        return (self.generalist or self.vanilla).out_dir
+        """The network every specialist's delta is taken against (and the bundle's base)."""
+        return (self.finetuned or self.generalist or self.vanilla).out_dir
+
+    @property
+    def teacher_dir(self) -> str:
+        """Where specialists take head rows and distillation from: the vanilla network, or the
+        finetuned one whose head was trained with the trunk the specialists run on."""
+        return (self.finetuned or self.vanilla).out_dir
 
 
 def train_base_networks(cfg: PipelineConfig, base: Path, runner: Runner, log=print, keyed_data: bool = False) -> BaseNetworks:
@@ -195,7 +203,12 @@ def train_base_networks(cfg: PipelineConfig, base: Path, runner: Runner, log=pri
             generalist = network_task("generalist", "coarse", cfg, data, root)
             run_tasks(runner, [generalist], cfg.resources, log)
     hierarchy = load_manifest(data.manifest_dir).hierarchy
-    return BaseNetworks(first, data, hierarchy, vanilla, generalist, extra)
+    b = BaseNetworks(first, data, hierarchy, vanilla, generalist, extra)
+    if cfg.generalist.kind == "trunk_router" and cfg.generalist.router_trunk == "finetune":
+        log("== the vanilla network finetuned with the trunk router")
+        b.finetuned = router_task(cfg, b, root)
+        run_tasks(runner, [b.finetuned], cfg.resources, log)
+    return b
 
 
 def ensemble_size(flops_ratio: float, slack: float = 0.02) -> int:
@@ -211,18 +224,21 @@ def ensemble_members(cfg: PipelineConfig, data: DataOptions, root: Path, members
 
 
 def specialist_tasks(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> list[SpecialistTask]:
-    return [specialist_task(cfg, s, b.data, root, b.resident_dir, b.vanilla.out_dir)
+    return [specialist_task(cfg, s, b.data, root, b.resident_dir, b.teacher_dir)
             for s in range(b.hierarchy.num_superclasses)]
 
 
 def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> RouterTask | None:
-    """``generalist.kind=trunk_router``: the superclass head on the vanilla network's trunk (it
-    needs only the vanilla network, so it trains beside the specialists)."""
+    """``generalist.kind=trunk_router``: the superclass head on the vanilla network's trunk (with
+    a frozen trunk it needs only the vanilla network, so it trains beside the specialists; one that
+    finetunes the trunk trains before them, as their resident)."""
     if cfg.generalist.kind != "trunk_router":
         return None
+    if b.finetuned is not None:
+        return b.finetuned
     t = RouterTask(b.vanilla.out_dir, cfg.delta.first_stage, cfg.generalist.router_width, cfg.generalist.router_optim,
                    b.data, "", cfg.seed, {"resident": network_hash(b.vanilla.out_dir)}, cfg.generalist.router_distill,
-                   runner=cfg.resources.runner)
+                   runner=cfg.resources.runner, trunk=cfg.generalist.router_trunk)
     t.out_dir = folder_for(root, t.name, t.fingerprint())
     return t
 
@@ -259,11 +275,13 @@ def run_pipeline(
     specialists = specialist_tasks(cfg, b, root)
     spec_images = sum(planned_images(t, b.hierarchy, manifest) for t in specialists)
     router = router_task(cfg, b, root)
-    tasks: list = list(specialists) + ([router] if router else [])
+    tasks: list = list(specialists) + ([router] if router and router is not b.finetuned else [])
     if cfg.baselines.delta_all:
         tasks.append(specialist_task(cfg, None, b.data, root, b.vanilla.out_dir, b.vanilla.out_dir, train_images=spec_images))
     if cfg.baselines.vanilla_long:
-        vanilla_images = b.vanilla.result()["train_images"]
+        # The images that trained the served networks' weights: a finetuned trunk's count; a frozen
+        # trunk's router head (1-2 % of a network's weights) is left out, which favours Super-Sub.
+        vanilla_images = b.vanilla.result()["train_images"] + (b.finetuned.result()["train_images"] if b.finetuned else 0)
         long = network_task("vanilla_long", "fine", cfg, b.first_data, root, train_images=vanilla_images + spec_images)
         b.extra["vanilla_long"] = [long]
         tasks.append(long)
@@ -361,7 +379,7 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
         "specialists": [{k: r.get(k) for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density",
                                                "wall_seconds", "train_images")} for r in specialist_results],
         "tasks": {t.name: t.out_dir for t in [b.vanilla, *specialists, *tasks, *(b.extra.get("ensemble") or [])]
-                  + ([b.generalist] if b.generalist else [])},
+                  + ([b.generalist] if b.generalist else []) + ([b.finetuned] if b.finetuned else [])},
         "device": str(device),
         "timings": result["timings"],
     }

@@ -70,14 +70,22 @@ class GeneralistConfig:
     router_distill: float = field(
         0.0, help="trunk_router: weight of distillation from the vanilla network's own superclass answer (0: labels only)"
     )
+    router_trunk: Literal["frozen", "finetune"] = field(
+        "frozen", help="trunk_router: frozen: only the router head trains, on the vanilla network's own trunk; "
+        "finetune: the whole vanilla network is finetuned with the router as a second head (Network of Experts' "
+        "order), and that network is the resident the specialists' deltas are taken against"
+    )
     router_optim: OptimConfig = field(
         OptimConfig(epochs=10, batch_size=128, lr=0.1, warmup_epochs=0.0, weight_decay=5e-4),
-        help="trunk_router: training of the router head (the trunk stays frozen)",
+        help="trunk_router: training of the router head (router_trunk=finetune: of the whole network with it)",
     )
 
     def __post_init__(self) -> None:
         if not 0 <= self.router_width <= 4 or not 0 <= self.router_distill <= 1:
             raise ValueError("generalist: router_width must be in [0, 4] and router_distill in [0, 1]")
+        if self.router_trunk == "finetune" and self.router_distill > 0:
+            raise ValueError("generalist.router_distill distils from the vanilla network's frozen answer: it needs "
+                             "router_trunk=frozen")
 
 
 @dataclass

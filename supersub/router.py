@@ -15,6 +15,12 @@ vanilla one's) plus the router head; soft routing adds a tail for each extra sup
 image goes to. The router head is trained on the frozen trunk
 (:class:`supersub.tasks.RouterTask`), so the trunk stays the resident's own, bit for bit, and
 the specialists are the same deltas as with any vanilla resident.
+
+``generalist.router_trunk=finetune`` is the Network-of-Experts order instead: the whole vanilla
+network is finetuned with the router as a second head (:class:`MultitaskTrunk`: fine CE + superclass
+CE on the router), so the trunk learns features that route; that finetuned network is then the
+resident every specialist's delta is taken against. It costs a network's training for the
+router's epochs, which the equal-images controls are given too.
 """
 
 from __future__ import annotations
@@ -113,3 +119,20 @@ class RoutedTrunk(nn.Module):
         with torch.no_grad():
             trunk = self.base.forward_stages(x, 0, self.first_stage)
         return self.router(trunk)
+
+
+class MultitaskTrunk(nn.Module):
+    """For finetuning trunk and router together: the whole resident network trains on its fine
+    labels while the router, reading the same trunk features, trains on the superclass labels.
+    ``forward`` returns the fine logits (what :func:`supersub.fit.fit` scores); the router's
+    logits of the same batch are kept in :attr:`router_logits` for the loss."""
+
+    def __init__(self, base: ResNet, router: TrunkRouter, first_stage: int) -> None:
+        super().__init__()
+        self.base, self.router, self.first_stage = base, router, first_stage
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.base.forward_stages(x, 0, self.first_stage)
+        self.router_logits = self.router(trunk)
+        return self.base.forward_head(self.base.forward_stages(trunk, self.first_stage))

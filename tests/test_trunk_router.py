@@ -168,3 +168,61 @@ def test_the_flops_matched_network_is_the_biggest_that_fits():
     for ratio in (1.5, 2.5):
         f = network_flops(build_model(flops_matched_model(m, 9, 16, ratio), 9, 16), 16)
         assert base < f <= ratio * base
+
+
+def test_finetuning_trunk_and_router_together_trains_both():
+    from supersub.router import MultitaskTrunk
+
+    _, base, _, _, spec = routed_predictor()
+    router = spec.build()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = MultitaskTrunk(base, router, 4).train()
+    logits = model(torch.randn(8, 3, 32, 32))
+    assert logits.shape[1] == base.fc.out_features and model.router_logits.shape == (8, spec.num_superclasses)
+    loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, logits.shape[1], (8,))) + \
+        torch.nn.functional.cross_entropy(model.router_logits, torch.randint(0, spec.num_superclasses, (8,)))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    assert not torch.equal(before["conv1.weight"], base.conv1.weight)  # the trunk learns too
+    assert any(p.grad is not None for p in router.parameters())
+    with pytest.raises(ConfigError, match="router_trunk=frozen"):
+        load_config(PipelineConfig, "jobs/configs/default.yaml", ["generalist.kind=trunk_router", "delta.stages=[layer4]",
+                                                                  "generalist.router_trunk=finetune",
+                                                                  "generalist.router_distill=0.5"])
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_finetuned_trunk_uses_it_as_the_resident(tmp_path, capsys):
+    """router_trunk=finetune: the router task's network is the specialists' resident and the
+    bundle's base; its images count once for the two-stage model and go to vanilla_long's budget."""
+    from supersub.cli import main
+    from supersub.networks import network_hash
+
+    cfg = tiny("generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_trunk=finetune",
+               "generalist.router_optim.epochs=1", "generalist.router_optim.batch_size=32",
+               "baselines.vanilla_long=true", "baselines.delta_all=false")
+    metrics = run_pipeline(cfg, tmp_path, log=quiet)
+    router_dir = tmp_path / metrics["tasks"]["router"]
+    router = json.loads((router_dir / "metrics.json").read_text())
+    assert router["network_val_acc"] >= 0 and router["val_acc"] >= 0
+    finetuned = network_hash(router_dir)
+    assert finetuned != network_hash(tmp_path / metrics["tasks"]["vanilla"])
+    for s in metrics["tasks"]:
+        if s.startswith("specialist_"):
+            task = json.loads((tmp_path / metrics["tasks"][s] / "task.json").read_text())
+            assert task["identity"]["inputs"]["resident"] == finetuned, s
+    models = metrics["models"]
+    spec_images = sum(s["train_images"] for s in metrics["specialists"])
+    assert models["two_stage_hard"]["train_images"] == (models["vanilla"]["train_images"] + router["train_images"]
+                                                         + spec_images)
+    assert models["vanilla_long"]["train_images"] >= models["two_stage_hard"]["train_images"] - 32 * 20
+    from supersub.networks import load_network
+
+    base = load_bundle(tmp_path / "bundle").load_base().state_dict()
+    ft = load_network(router_dir)[0].state_dict()
+    assert all(torch.equal(base[k], ft[k]) for k in ft)  # the bundle serves the finetuned network
+    capsys.readouterr()
+    assert main(["evaluate", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("two_stage_hard", "two_stage_soft", "stage1"):
+        assert result["models"][name].get("top1") == models[name].get("top1"), name
