@@ -14,7 +14,7 @@ def fail(error: BaseException, prog: str = "") -> int:
     return 2
 
 
-def start_or_join_ray(log=None, **init_kwargs) -> tuple[bool, str]:
+def start_or_join_ray(log=None, *, worker_env: bool = True, **init_kwargs) -> tuple[bool, str]:
     """``ray.init`` with the cluster's address pinned, for this process and every worker of the job.
 
     Ray code that looks a cluster up by itself — the State API, Train's placement-group cleaner,
@@ -28,7 +28,9 @@ def start_or_join_ray(log=None, **init_kwargs) -> tuple[bool, str]:
       address is known before it starts.
 
     Either way the address goes into ``os.environ`` (this process, and the raylet a local start
-    spawns) and into the job's ``runtime_env`` env_vars (every worker, on every node).
+    spawns) and, with ``worker_env``, into the job's ``runtime_env`` env_vars (every worker, on
+    every node). Serve leaves that out: an actor with a runtime env cannot take a pre-started
+    worker, and on a busy host Serve's proxy then misses its 5 s readiness check and is killed.
     Returns ``(started, address)``: whether this process started Ray (and so must stop it)."""
     import ray
     from ray._private import services
@@ -37,7 +39,12 @@ def start_or_join_ray(log=None, **init_kwargs) -> tuple[bool, str]:
         address = ray.get_runtime_context().gcs_address
         os.environ["RAY_ADDRESS"] = address
         return False, address
-    env = dict((init_kwargs.pop("runtime_env", None) or {}).get("env_vars", {}))
+    runtime_env = init_kwargs.pop("runtime_env", None) or {}
+    env = dict(runtime_env.get("env_vars", {}))
+
+    def with_address(address: str) -> dict:
+        return {**runtime_env, "env_vars": {**env, "RAY_ADDRESS": address}} if worker_env else runtime_env or None
+
     address = services.get_ray_address_from_environment(None, init_kwargs.get("_temp_dir"))
     started = address is None
     if started:
@@ -47,7 +54,7 @@ def start_or_join_ray(log=None, **init_kwargs) -> tuple[bool, str]:
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         os.environ["RAY_ADDRESS"] = address  # inherited by the raylet, hence by every local worker
         try:
-            ray.init(address="local", runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, **init_kwargs)
+            ray.init(address="local", runtime_env=with_address(address), **init_kwargs)
         except BaseException:
             os.environ.pop("RAY_ADDRESS", None)
             raise
@@ -61,7 +68,7 @@ def start_or_join_ray(log=None, **init_kwargs) -> tuple[bool, str]:
             log(f"warning: Ray started at {actual}, not at the pinned {address}")
         os.environ["RAY_ADDRESS"] = address = actual
     else:
-        ray.init(address=address, runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, **init_kwargs)
+        ray.init(address=address, runtime_env=with_address(address), **init_kwargs)
         if "://" not in address:  # a Ray Client address stays as given
             address = ray.get_runtime_context().gcs_address
         os.environ["RAY_ADDRESS"] = address

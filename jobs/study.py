@@ -27,11 +27,12 @@ from typing import Any
 import yaml
 
 from jobs.cli import fail
+from jobs.interrupt import interrupted_line, signals_interrupt
 from supersub.config import ConfigError, load_config
 from supersub.errors import UserError
 from supersub.pipeline import check_inputs, run_pipeline
 from supersub.pipeline_config import PipelineConfig, absolute_paths
-from supersub.runner import LocalRunner
+from supersub.runner import Interrupted, LocalRunner
 from supersub.study import summarise, write_regime_map, write_summary
 
 
@@ -91,7 +92,18 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineCo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C / SIGTERM: the running task stops after its last checkpoint, one line, exit 130 /
+    143; the runs that finished stay in study.json and a rerun continues."""
     args = parse_args(argv)
+    try:
+        with signals_interrupt("jobs.study"):
+            return run_study(args)
+    except Interrupted as e:
+        print(interrupted_line("jobs.study", e), file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def run_study(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
     try:
         runs, info = plan_runs(args)

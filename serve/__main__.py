@@ -111,20 +111,25 @@ def _launch_hint(e: BaseException) -> str:
     return "Ray's logs are under RAY_TMPDIR (default /tmp/ray)/session_latest/logs"
 
 
-def _start_ray(ray) -> None:
-    """``ray.init`` for the launcher; once more if Ray's node timed out during its start-up (an
-    overloaded machine: it happened in 3 of ~22 launches there, issue 21)."""
+def _start_ray(ray) -> bool:
+    """Ray started or joined with its address pinned (:func:`jobs.cli.start_or_join_ray`: beside
+    another Ray on the host, Serve's own lookups must not find the other one); once more if Ray's
+    node timed out during its start-up (an overloaded machine: 3 of ~22 launches there, issue 21).
+    Returns whether this process started Ray (and so may stop all of Serve at the end)."""
     import logging
+
+    from jobs.cli import start_or_join_ray
 
     for attempt in (1, 2):
         try:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            return
+            return start_or_join_ray(worker_env=False, include_dashboard=False, log_to_driver=False,
+                                     logging_level=logging.WARNING)[0]
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise
             print("Ray did not start in time (overloaded machine?); trying once more", file=sys.stderr, flush=True)
             ray.shutdown()
+    return False
 
 
 def _reinstall(stop: threading.Event) -> None:
@@ -149,9 +154,10 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
         return 2
     if stop.is_set():
         return 0
+    started = True  # until known: a Ray that half-started here is ours to stop
     try:
         try:
-            _start_ray(ray)
+            started = _start_ray(ray)
         finally:
             _reinstall(stop)
         if not stop.is_set():
@@ -161,7 +167,7 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
         stop.set()
     except Exception as e:  # noqa: BLE001 - Ray failing to start: one line with a hint, not a traceback
         print(_error(e, _launch_hint(e)), file=sys.stderr)
-        _shutdown(ray, serve)
+        _shutdown(ray, serve, started)
         return 1
     url = f"http://{a.host}:{a.port}"
     deadline, serving = time.monotonic() + 300, False
@@ -170,7 +176,7 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
         if failed:
             print(_error(RuntimeError(failed), "the replicas' logs are under RAY_TMPDIR (default /tmp/ray)"
                          "/session_latest/logs/serve"), file=sys.stderr)
-            _shutdown(ray, serve)
+            _shutdown(ray, serve, started)
             return 1
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
@@ -182,7 +188,7 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
             time.sleep(0.5)
     stop.wait()
     if not serving:  # stopped while starting: nothing was answered, nothing to drain
-        _shutdown(ray, serve)
+        _shutdown(ray, serve, started)
         print("stopped", flush=True)
         return 0
     print("draining: new requests are answered 503 + Retry-After; finishing the ones in flight", flush=True)
@@ -199,7 +205,7 @@ def serve_until_signalled(a: argparse.Namespace, args: dict[str, str], stop: thr
     else:
         time.sleep(0.5)  # the last answers, handed to the replicas' servers, pass through HAProxy
     # Not serve.delete first: the routes would go at once and new requests get 404, not 503.
-    _shutdown(ray, serve)
+    _shutdown(ray, serve, started)
     print("stopped", flush=True)
     return 0
 
@@ -218,8 +224,10 @@ def _deploy_failure(serve) -> str | None:
     return f"deploying the app failed: {lines[-1].strip() if lines else message}"
 
 
-def _shutdown(ray, serve) -> None:
-    for step in (serve.shutdown, ray.shutdown):
+def _shutdown(ray, serve, started: bool = True) -> None:
+    """Serve and Ray stopped; on a cluster this process joined, only this app is deleted and the
+    cluster (with whatever else it serves) is left running."""
+    for step in (serve.shutdown if started else lambda: serve.delete("supersub"), ray.shutdown):
         try:
             if ray.is_initialized():
                 step()

@@ -312,7 +312,13 @@ class Ingress:
         images, batch = await request_images(request, self.limits)
         x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
         try:
-            out = await self.model.predict.remote(x, chosen)
+            try:
+                out = await self.model.predict.remote(x, chosen)
+            except RayActorError:
+                # The model replica died under this request (crash, node loss, kill). A prediction
+                # is pure, so once more — Serve routes it to a live replica — as Generalist does
+                # for its specialists: a restart costs latency, not an answer. Twice is real: 503.
+                out = await self.model.predict.remote(x, chosen)
         except _UNAVAILABLE as e:
             return _unavailable(type(e).__name__)
         total = (time.perf_counter() - t0) * 1000

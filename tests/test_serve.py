@@ -569,13 +569,15 @@ def test_healthz_is_503_while_a_stage_is_down(server: str) -> None:
         assert c.get("/stages/healthz").status_code == 200
 
 
-def test_replica_kill_under_load(server: str) -> None:
-    """Killing a Specialist replica under 200 concurrent requests loses at most 1 % of them
-    (counted at the client, no retries there) and Serve brings the replica back."""
+@pytest.mark.parametrize("deployment", ["Specialist", "Generalist"])
+def test_replica_kill_under_load(server: str, deployment: str) -> None:
+    """Killing a Specialist replica (retried by the Generalist) or a Generalist replica (retried
+    by the Ingress) under 200 concurrent requests loses at most 1 % of them (counted at the
+    client, no retries there) and Serve brings the replica back."""
     deadline = time.monotonic() + 90
-    while _running("stages", "Specialist") < 2 and time.monotonic() < deadline:
+    while _running("stages", deployment) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    before = _replicas("stages", "Specialist")
+    before = _replicas("stages", deployment)
     assert len(before) == 2, before
     images = [image_bytes(100 + i) for i in range(16)]
     total, threads = 200, 4

@@ -113,3 +113,33 @@ def test_a_bad_study_is_refused_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "delta.bits" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigint_ends_the_study_in_one_line_and_a_rerun_continues(tmp_path):
+    """Ctrl-C in a study's first epoch: exit 130, one line on stderr, no traceback; the rerun
+    with the same --out finishes and writes study.json."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "study"
+    argv = [sys.executable, "-m", "jobs.study", "--study", str(REPO / "jobs" / "configs" / "study_default.yaml"),
+            "--out", str(out), "--variants", "ours", *TINY, "train.epochs=4"]
+    log = tmp_path / "study.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 300
+        while "vanilla epoch 1/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, (log.read_text()[-2000:], err)
+    assert err.strip().startswith("jobs.study: interrupted (SIGINT)") and len(err.strip().splitlines()) == 1, err
+    assert not (out / "study.json").exists()
+    rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed after epoch" in rerun.stdout and (out / "study.json").is_file()
