@@ -4,7 +4,8 @@
 
 The study file names a base pipeline config and the variants, each a list of ``key=value``
 overrides (or ``{overrides: [...], seeds: [...]}``); ``key=value`` on the command line applies to
-every variant, ``--seeds`` to every variant without its own. Every run writes
+every variant and wins over the variant's own (as a command line wins over a config file: a smoke
+test with ``train.epochs=1`` shortens every variant), ``--seeds`` to every variant without its own. Every run writes
 ``OUT/<variant>/seed<k>/`` (metrics.json, predictions.parquet, bundle/); every task lives in
 ``OUT/shared/tasks/`` under its fingerprint, so runs share exactly the tasks whose inputs and
 settings agree (the vanilla network of one seed is trained once for every variant, and is also
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", help="comma-separated subset of the variants, in the file's order")
     p.add_argument("--seeds", help="comma-separated seeds for every variant without its own (default: 0)")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="start no new run after this many seconds")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant (over the variant's own)")
     return p.parse_args(argv)
 
 
@@ -86,7 +87,7 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineCo
     for name, v in variants.items():
         for seed in v["seeds"] or cli_seeds or [0]:
             cfg = load_config(PipelineConfig, config_path,
-                              [*args.overrides, *v["overrides"], f"name={name}", f"seed={seed}", "resources.runner=local"])
+                              [*v["overrides"], *args.overrides, f"name={name}", f"seed={seed}", "resources.runner=local"])
             runs.append((name, int(seed), absolute_paths(cfg)))
     return runs, {"study": str(Path(args.study).resolve()), "config": str(config_path)}
 

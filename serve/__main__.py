@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{item!r} is not key=value")
         args[key] = value
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's controller kills a proxy not ready within 5 s and the launch fails with "actor
+    # died": on a busy host its start takes longer (seen at load average 6 on 2 cores).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if stop.is_set():
         return 0
     scratch = Path(tempfile.mkdtemp(prefix="supersub-serve-"))

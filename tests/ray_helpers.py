@@ -48,6 +48,8 @@ ENV = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180",
     # and its dashboard, whose subprocess modules took over a minute (the default limit is 60 s)
     "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
+    # and Serve's proxy, which its controller kills if not ready in 5 s (as python -m serve sets it)
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     "OMP_NUM_THREADS": "1",
 }
 _CACHE: dict[str, Any] = {}

@@ -24,6 +24,11 @@ def test_study_files_name_variants_with_their_own_seeds(tmp_path):
     assert path == base
     assert variants == {"a": {"overrides": ["delta.bits=2", "train.epochs=3"], "seeds": [0, 1]},
                         "b": {"overrides": ["delta.bits=8"], "seeds": [5]}}
+    from jobs.study import parse_args, plan_runs
+
+    runs, _ = plan_runs(parse_args(["--study", str(study), "--out", str(tmp_path / "o"), "train.epochs=1"]))
+    assert {(name, seed, cfg.train.epochs, cfg.delta.bits) for name, seed, cfg in runs} == {
+        ("a", 0, 1, 2), ("a", 1, 1, 2), ("b", 5, 1, 8)}  # the command line wins over a variant's own
     study.write_text(f"config: {base}\nvariants:\n  a: {{overrides: [], seed: 3}}\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_study(study)
