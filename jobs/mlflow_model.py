@@ -4,6 +4,7 @@ version tagged with the run's headline metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,12 @@ def log_bundle_model(tracker: Any, bundle_dir: Path, headline: dict[str, float])
     example = pd.DataFrame({"image": [_example_image(bundle.image_size)]})
     name = tracker.cfg.tracking.register_as
     mlflow.set_tracking_uri(tracker.tracking_uri)
-    with mlflow.start_run(run_id=tracker.run_id):
+    # MLflow prints "Successfully registered model" and "Created version" on stderr; the tracker
+    # prints the version's URI in one line instead (all of it with --verbose).
+    from jobs.console import verbose
+
+    quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
+    with mlflow.start_run(run_id=tracker.run_id), quiet:
         info = mlflow.pyfunc.log_model(
             name="bundle",
             python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),

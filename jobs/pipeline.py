@@ -105,14 +105,34 @@ def init_ray(log=print, dashboard: bool = True, verbose: bool = False) -> bool:
     # Workers' lines (each task's per-epoch progress) reach this console through Ray's own log
     # forwarding. With the dashboard: without its State API, Ray 2.60's Train runs print a
     # "State API may be temporarily unavailable" line every few seconds (and Tune needs it).
-    started, address = start_or_join_ray(log, runtime_env={"env_vars": env}, include_dashboard=dashboard,
-                                         log_to_driver=True,
-                                         logging_level=logging.INFO if verbose else logging.WARNING)
+    token = _TokenNotice()  # Ray's paragraph on token auth, as a clause of the line below
+    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not verbose:
+        auth_logger.addFilter(token)
+    try:
+        started, address = start_or_join_ray(log, runtime_env={"env_vars": env}, include_dashboard=dashboard,
+                                             log_to_driver=True,
+                                             logging_level=logging.INFO if verbose else logging.WARNING)
+    finally:
+        auth_logger.removeFilter(token)
     quiet_driver()
     res = ray.cluster_resources()
     log(f"ray: {'started' if started else 'joined'} {address}: {len([n for n in ray.nodes() if n['Alive']])} node(s), "
-        f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+        f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+        + ("; token authentication on (RAY_AUTH_MODE=disabled turns it off)" if token.seen else ""))
     return True  # connected here: ray.shutdown() stops a local Ray, or leaves a joined cluster
+
+
+class _TokenNotice:
+    """A logging filter that drops Ray's "Token authentication is enabled" warning and remembers it."""
+
+    seen = False
+
+    def filter(self, record) -> bool:
+        if "Token authentication is enabled" in record.getMessage():
+            self.seen = True
+            return False
+        return True
 
 
 def make_tracker(cfg: PipelineConfig, out: Path, job: str = "pipeline"):
