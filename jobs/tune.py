@@ -250,12 +250,10 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
             logging_config=train_logging(),
         ),
     )
-    try:
-        trainer.fit()
-    except BaseException as e:
-        if logger:
-            logger.failed(f"{type(e).__name__}: {e}")
-        raise
+    # A failure is not marked here: when the job is stopped, Tune kills the trial's Train run and
+    # fit() raises here *after* the job has ended its runs KILLED (a late FAILED would overwrite
+    # it); the job ends every trial's run from Tune's results instead (_end_trial_runs).
+    trainer.fit()
     if logger:
         logger.finished(callback.final)
 
@@ -346,7 +344,6 @@ class Signals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.received_at: float | None = None  # time.time() of the first signal
         self.tuning = False
         self._saved: dict[int, Any] = {}
 
@@ -370,8 +367,6 @@ class Signals:
         from supersub.runner import Interrupted
 
         first, self.received = self.received is None, self.received or signum
-        if first:
-            self.received_at = time.time()
         if first and self.tuning:
             print(f"jobs.tune: {signal.Signals(signum).name}: stopping the trials (again to stop at once)",
                   file=sys.stderr, flush=True)
@@ -473,8 +468,7 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
         finally:
             signals.tuning = False
         summary = summarise(grid, tune_dir, budget, tracker, log, space_file, watch=watch,
-                            interrupted=signals.received, interrupted_at=signals.received_at,
-                            total=_total_trials(spec))
+                            interrupted=signals.received, total=_total_trials(spec))
         if signals.received:
             from supersub.runner import Interrupted
 
@@ -546,33 +540,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- results
-def _end_trial_runs(tracker, trials: list[dict[str, Any]], interrupted_at: float | None = None) -> None:
-    """The trials' MLflow runs that Tune left RUNNING (their process was stopped): ASHA's stops
-    FINISHED with the tag ``stopped_early``, failures FAILED, the rest (interrupted) KILLED.
-    After a signal at ``interrupted_at``, a run its trial ended FAILED at or after that moment
-    failed because it was stopped: KILLED too."""
+def _end_trial_runs(tracker, trials: list[dict[str, Any]], interrupted: bool = False) -> None:
+    """Ends the trials' MLflow runs (a trial ends its own run only when it finishes): ASHA's stops
+    FINISHED with the tag ``stopped_early``, failures (and a completed trial's earlier, retried
+    attempts) FAILED with the reason as a tag. After a
+    signal every other run is KILLED — the job was stopped, as the parent says — a failure among
+    them keeping its reason tag."""
     if not hasattr(tracker, "client"):
         return
     status = {f"trial {t['trial_id']}": t for t in trials}
     query = f"tags.mlflow.parentRunId = '{tracker.run_id}' and attributes.status != 'FINISHED'"
     for run in tracker.client.search_runs([tracker.experiment_id], filter_string=query):
         trial = status.get(run.info.run_name, {})
-        stopped_by_signal = (interrupted_at is not None and run.info.status == "FAILED"
-                             and (run.info.end_time or 0) >= int(interrupted_at * 1000))
-        if stopped_by_signal:
-            tracker.client.set_terminated(run.info.run_id, "KILLED")
-            if trial.get("status") == "error":
-                trial["status"] = "interrupted"
-                trial.pop("error", None)
-            continue
-        if run.info.status != "RUNNING" and trial.get("status") != "stopped early":
-            continue  # ended by its trial (FAILED with the reason)
-        if trial.get("status") == "stopped early":  # also when the trial's stop raised in it (FAILED)
+        if trial.get("status") == "error":
+            tracker.client.set_tag(run.info.run_id, "supersub.failure", str(trial.get("error", ""))[:5000])
+        if trial.get("status") == "stopped early" and not interrupted:
             tracker.client.set_tag(run.info.run_id, "stopped_early", "true")
             tracker.client.set_terminated(run.info.run_id, "FINISHED")
-        elif trial.get("status") == "error":
-            tracker.client.set_tag(run.info.run_id, "supersub.failure", str(trial.get("error", ""))[:5000])
-            tracker.client.set_terminated(run.info.run_id, "FAILED")
+        elif trial.get("status") in ("error", "completed") and not interrupted:
+            tracker.client.set_terminated(run.info.run_id, "FAILED")  # (completed: an attempt Tune retried)
         else:
             tracker.client.set_terminated(run.info.run_id, "KILLED")
 
@@ -594,8 +580,7 @@ def _total_trials(spec: dict[str, Any]) -> int:
 
 
 def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Path, watch=None,
-              interrupted: int | None = None, interrupted_at: float | None = None,
-              total: int | None = None) -> dict[str, Any]:
+              interrupted: int | None = None, total: int | None = None) -> dict[str, Any]:
     """pareto.json, pareto.png, best.yaml and the trials' MLflow runs ended; raises
     :class:`AllTrialsFailed` if no trial completed and every one failed. ``interrupted`` (a
     signal number): pareto.json marked ``partial`` with the trials that never ran, no best.yaml."""
@@ -625,8 +610,7 @@ def summarise(grid, tune_dir: Path, budget: float, tracker, log, space_file: Pat
             trial.update({k: m[k] for k in ("delta_bytes", "delta_ratio", "delta_density")})
         trials.append(trial)
     done = [t for t in trials if t["status"] == "completed"]
-    _end_trial_runs(tracker, trials, interrupted_at if interrupted else None)
-    errors = [t["error"] for t in trials if t["status"] == "error"]
+    _end_trial_runs(tracker, trials, interrupted=bool(interrupted))
     if trials and len(errors) == len(trials):
         raise AllTrialsFailed(f"all {len(trials)} trials failed; the first: {errors[0]}")
     front = pareto_front(done)

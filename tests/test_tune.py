@@ -67,9 +67,11 @@ def test_apply_params_validates_the_task_and_pareto_front(tmp_path: Path) -> Non
 
 
 @pytest.mark.mlflow
-def test_trial_runs_failed_by_the_stop_end_killed(tmp_path: Path) -> None:
-    """A trial whose run its own process ended FAILED because the job's signal stopped it is
-    KILLED, not FAILED; one that failed before the signal stays FAILED; ASHA's stop FINISHED."""
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_the_job_ends_its_trial_runs(tmp_path: Path, interrupted: bool) -> None:
+    """A trial ends its own run only when it finishes; the job ends the rest from Tune's results:
+    a failure FAILED (and a completed trial's retried attempt), ASHA's stop FINISHED, the others
+    KILLED — and after a signal all of them KILLED, a failure keeping its reason."""
     from types import SimpleNamespace
 
     from mlflow.tracking import MlflowClient
@@ -80,26 +82,24 @@ def test_trial_runs_failed_by_the_stop_end_killed(tmp_path: Path) -> None:
     exp = client.create_experiment("t")
     parent = client.create_run(exp, run_name="tune:x").info.run_id
 
-    def trial(name: str, status: str | None) -> str:
+    def trial(name: str, finished: bool = False) -> str:
         run = client.create_run(exp, run_name=f"trial {name}", tags={"mlflow.parentRunId": parent}).info.run_id
-        if status:
-            client.set_terminated(run, status)
+        if finished:
+            client.set_terminated(run, "FINISHED")
         return run
 
-    early_failure = trial("a", "FAILED")
-    time.sleep(0.01)
-    signal_at = time.time()
-    time.sleep(0.01)
-    stopped = trial("b", "FAILED")  # its trainer.fit() raised when Tune stopped it
-    running, asha = trial("c", None), trial("d", None)
-    trials = [{"trial_id": "a", "status": "error", "error": "ValueError: x"},
-              {"trial_id": "b", "status": "error", "error": "TrainingFailedError: stopped"},
-              {"trial_id": "c", "status": "interrupted"}, {"trial_id": "d", "status": "stopped early"}]
-    tracker = SimpleNamespace(client=client, run_id=parent, experiment_id=exp)
-    _end_trial_runs(tracker, trials, interrupted_at=signal_at)
-    status = {r: client.get_run(r).info.status for r in (early_failure, stopped, running, asha)}
-    assert status == {early_failure: "FAILED", stopped: "KILLED", running: "KILLED", asha: "FINISHED"}
-    assert trials[1] == {"trial_id": "b", "status": "interrupted"} and trials[0]["status"] == "error"
+    runs = {"failed": trial("a"), "early": trial("b"), "cut": trial("c"), "retried": trial("d"),
+            "done": trial("d", finished=True)}
+    trials = [{"trial_id": "a", "status": "error", "error": "ValueError: x"}, {"trial_id": "b", "status": "stopped early"},
+              {"trial_id": "c", "status": "interrupted"}, {"trial_id": "d", "status": "completed"}]
+    _end_trial_runs(SimpleNamespace(client=client, run_id=parent, experiment_id=exp), trials, interrupted=interrupted)
+    status = {k: client.get_run(r).info.status for k, r in runs.items()}
+    if interrupted:
+        assert status == {"failed": "KILLED", "early": "KILLED", "cut": "KILLED", "retried": "KILLED", "done": "FINISHED"}
+    else:
+        assert status == {"failed": "FAILED", "early": "FINISHED", "cut": "KILLED", "retried": "FAILED", "done": "FINISHED"}
+        assert client.get_run(runs["early"]).data.tags["stopped_early"] == "true"
+    assert client.get_run(runs["failed"]).data.tags["supersub.failure"] == "ValueError: x"
 
 
 @pytest.mark.ray
@@ -284,4 +284,6 @@ def test_tune_interrupted_by_sigint_ends_killed(tiny: dict, tmp_path: Path) -> N
     parent = next(r for r in runs if r.info.run_name.startswith("tune:"))
     assert parent.info.status == "KILLED"
     trials = [r for r in runs if r.data.tags.get("supersub.kind") == "tune_trial"]
-    assert trials and all(r.info.status == "KILLED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
+    assert trials and all(r.info.status == "KILLED" for r in trials), [
+        (r.info.run_name, r.info.status, r.data.tags.get("supersub.failure"), r.info.end_time, parent.info.end_time)
+        for r in trials]
