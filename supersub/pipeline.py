@@ -133,9 +133,9 @@ def specialist_task(cfg: PipelineConfig, superclass: int | None, data: DataOptio
     return t
 
 
-def planned_images(task: SpecialistTask | NetworkTask, hierarchy: Hierarchy, manifest) -> int:
+def planned_images(task: SpecialistTask | NetworkTask | RouterTask, hierarchy: Hierarchy, manifest) -> int:
     """Training images a task will see, from the manifest alone (before it runs)."""
-    if task.train_images is not None:
+    if getattr(task, "train_images", None) is not None:
         return task.train_images // task.optim.batch_size * task.optim.batch_size
     spec: LoaderSpec = task.loader_specs()["train"]
     rows = manifest.indices("train")

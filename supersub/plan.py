@@ -143,16 +143,20 @@ def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy
         if learned and generalist is not None:
             stages.append(("generalist on the learned hierarchy", [generalist]))
         b = p.BaseNetworks(data, data, hierarchy, vanilla, generalist, extra)
+        router = p.router_task(cfg, b, root)
+        if router is not None and router.trunk == "finetune":  # trained first: the specialists' resident
+            b.finetuned = router
+            stages.append(("finetuned trunk", [router]))
         specialists = p.specialist_tasks(cfg, b, root)
         spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
         second: list = list(specialists)
-        router = p.router_task(cfg, b, root)
-        if router is not None:
+        if router is not None and b.finetuned is None:
             second.append(router)
         if cfg.baselines.delta_all:
             second.append(p.specialist_task(cfg, None, data, root, vanilla.out_dir, vanilla.out_dir, train_images=spec_images))
         if cfg.baselines.vanilla_long:
-            vanilla_images = p.planned_images(vanilla, hierarchy, manifest)
+            vanilla_images = p.planned_images(vanilla, hierarchy, manifest) + (
+                p.planned_images(b.finetuned, hierarchy, manifest) if b.finetuned else 0)
             second.append(p.network_task("vanilla_long", "fine", cfg, data, root, train_images=vanilla_images + spec_images))
         stages.append(("specialists and controls", second))
         if cfg.baselines.ensemble == "auto":

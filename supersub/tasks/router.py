@@ -34,7 +34,6 @@ SPEC_FILE = "router.json"
 @dataclass
 class RouterTask(Task):
     kind: ClassVar[str] = "router"
-    resources: ClassVar[str] = "specialist"  # a head's worth of training: runs beside the specialists
 
     resident_dir: str  # the network whose trunk the router reads (frozen)
     first_stage: int  # the trunk: stages before the first delta stage
@@ -52,6 +51,11 @@ class RouterTask(Task):
     @property
     def name(self) -> str:
         return "router" if self.seed == 0 else f"router_seed{self.seed}"
+
+    @property
+    def resources(self) -> str:  # type: ignore[override]
+        """A head's worth of training runs beside the specialists; finetuning the trunk is a network's."""
+        return "network" if self.trunk == "finetune" else "specialist"
 
     def identity(self) -> dict[str, Any]:
         return {"first_stage": self.first_stage, "width": self.width, "optim": optim_identity(self.optim),
