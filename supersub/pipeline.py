@@ -243,6 +243,16 @@ def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> RouterTask 
     return t
 
 
+def vanilla_long_task(cfg: PipelineConfig, b: BaseNetworks, root: Path, spec_images: int,
+                      images=lambda task: task.result()["train_images"]) -> NetworkTask:
+    """The equal-training-images control: the vanilla network trained on as many images as
+    trained the served networks' weights — the vanilla network's (``images``: what a task saw;
+    :mod:`supersub.plan` passes its planned count), a finetuned trunk's, the specialists'. A
+    frozen trunk's router head (1-2 % of a network's weights) is left out, which favours Super-Sub."""
+    trained = images(b.vanilla) + (images(b.finetuned) if b.finetuned else 0)
+    return network_task("vanilla_long", "fine", cfg, b.first_data, root, train_images=trained + spec_images)
+
+
 # ----------------------------------------------------------------------------- the run
 def run_pipeline(
     cfg: PipelineConfig,
@@ -279,10 +289,7 @@ def run_pipeline(
     if cfg.baselines.delta_all:
         tasks.append(specialist_task(cfg, None, b.data, root, b.vanilla.out_dir, b.vanilla.out_dir, train_images=spec_images))
     if cfg.baselines.vanilla_long:
-        # The images that trained the served networks' weights: a finetuned trunk's count; a frozen
-        # trunk's router head (1-2 % of a network's weights) is left out, which favours Super-Sub.
-        vanilla_images = b.vanilla.result()["train_images"] + (b.finetuned.result()["train_images"] if b.finetuned else 0)
-        long = network_task("vanilla_long", "fine", cfg, b.first_data, root, train_images=vanilla_images + spec_images)
+        long = vanilla_long_task(cfg, b, root, spec_images)
         b.extra["vanilla_long"] = [long]
         tasks.append(long)
     run_tasks(runner, tasks, cfg.resources, log)

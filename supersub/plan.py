@@ -155,9 +155,8 @@ def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy
         if cfg.baselines.delta_all:
             second.append(p.specialist_task(cfg, None, data, root, vanilla.out_dir, vanilla.out_dir, train_images=spec_images))
         if cfg.baselines.vanilla_long:
-            vanilla_images = p.planned_images(vanilla, hierarchy, manifest) + (
-                p.planned_images(b.finetuned, hierarchy, manifest) if b.finetuned else 0)
-            second.append(p.network_task("vanilla_long", "fine", cfg, data, root, train_images=vanilla_images + spec_images))
+            second.append(p.vanilla_long_task(cfg, b, root, spec_images,
+                                              images=lambda t: p.planned_images(t, hierarchy, manifest)))
         stages.append(("specialists and controls", second))
         if cfg.baselines.ensemble == "auto":
             members = p.ensemble_members(cfg, data, root, p.ensemble_size(2.0))[1:]
