@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-passes", type=int, default=3)
     p.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the figures as JSON (- or no value: stdout)")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1 or args.ray_passes < 1:
+        p.error("--rounds, --repeats and --ray-passes must be at least 1 (--ray-cpus '' skips Ray Data)")
     quiet = args.json == "-"
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if quiet else (lambda s: print(s, flush=True))
 

@@ -143,6 +143,27 @@ def test_tensor_augmentation_keeps_crop_scale_aspect_and_flip_statistics() -> No
     assert np.allclose(a[:, 0], b[:, 0], rtol=0.05, atol=0.002) and np.array_equal(a[:, 2], b[:, 2])
 
 
+def test_the_channels_last_resize_gives_transforms_v2_pixels() -> None:
+    """TensorTrainTransform resizes the crop channels-last (torch's vectorised uint8 kernel): the
+    same pixels as ``transforms.v2``'s ``resized_crop`` for the same draws, whether the input is a
+    view of HWC pixels (the decoders') or a contiguous ``[3, H, W]``."""
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms.v2 import functional as F2
+
+    hwc = torch.from_numpy(_photo(500, 375, seed=4)).permute(2, 0, 1)
+    augment = TensorTrainTransform(224)
+    for x in (hwc, hwc.contiguous()):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            top, left, h, w = RandomResizedCrop.get_params(x, list(augment.scale), list(augment.ratio))
+            want = F2.resized_crop(x, top, left, h, w, [224, 224], antialias=True)
+            flip = bool(torch.rand(1) < 0.5)
+            torch.manual_seed(seed)
+            got = augment(x)
+            assert got.dtype == torch.uint8 and got.shape == (3, 224, 224)
+            assert torch.equal(got, want.flip(-1) if flip else want)
+
+
 def test_small_images_and_normalisation() -> None:
     x = torch.from_numpy(_photo(40, 30)).permute(2, 0, 1)
     out = TensorTrainTransform(32)(x)
