@@ -11,10 +11,13 @@ on the copy with Ray's other arguments unchanged. exec keeps the process id, whi
 graceful reloads (``-sf PID``). An explicit address (``bind 0.0.0.0:8000`` for ``--host
 0.0.0.0``) is left as written.
 
-The copy also answers HAProxy's own errors (a 60 KB header: 400; no live replica: 503) as JSON
-``{"detail": "..."}`` like every answer of the app, where Ray's template has HAProxy's HTML pages
-and turns 502/503/504 into a text/plain 500: 502 and 503 (a replica died under the request, or
-none is up) become 503 + ``Retry-After``. :func:`haproxy_environment` tunes Ray's settings so that
+The copy also answers HAProxy's own errors (no live replica: 503; a denied or timed-out request)
+as JSON ``{"detail": "..."}`` like every answer of the app, where Ray's template has HAProxy's HTML
+pages and turns 502/503/504 into a text/plain 500: 502 and 503 (a replica died under the request,
+or none is up) become 503 + ``Retry-After``. One answer stays HTML: the 400 that HAProxy 2.8's
+HTTP/1 parser sends for a request it cannot parse (a header or URL over its 16 KB buffer) comes
+from the parser's built-in messages before any ``errorfile`` applies (``h1_send_error`` in
+mux_h1.c honours only an empty one, which would close the connection with no answer at all). :func:`haproxy_environment` tunes Ray's settings so that
 a replica that dies costs about a second: a request it drops (connection refused, or closed with
 no answer) is retried on another replica — ``/predict`` is idempotent — and HAProxy's health
 check marks it down within ~1.5 s (Ray's default: 5 s between checks).
