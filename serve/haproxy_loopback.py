@@ -17,10 +17,12 @@ pages and turns 502/503/504 into a text/plain 500: 502 and 503 (a replica died u
 or none is up) become 503 + ``Retry-After``. One answer stays HTML: the 400 that HAProxy 2.8's
 HTTP/1 parser sends for a request it cannot parse (a header or URL over its 16 KB buffer) comes
 from the parser's built-in messages before any ``errorfile`` applies (``h1_send_error`` in
-mux_h1.c honours only an empty one, which would close the connection with no answer at all). :func:`haproxy_environment` tunes Ray's settings so that
-a replica that dies costs about a second: a request it drops (connection refused, or closed with
-no answer) is retried on another replica — ``/predict`` is idempotent — and HAProxy's health
-check marks it down within ~1.5 s (Ray's default: 5 s between checks).
+mux_h1.c honours only an empty one, which would close the connection with no answer at all).
+
+:func:`haproxy_environment` tunes Ray's settings so that a replica that dies costs about a
+second: a request it drops (connection refused, or closed with no answer) is retried on another
+replica — ``/predict`` is idempotent — and HAProxy's health check marks it down within ~1.5 s
+(Ray's default: 5 s between checks).
 
 :func:`main` uses the standard library only: it runs in a fresh interpreter at every reload.
 """

@@ -235,9 +235,8 @@ def regime_map_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     plt = _plt()
     rows = [r for r in rows if r.get("minus_best_control")]
 
-    def cell(r: dict[str, Any]) -> tuple[str, str, str]:
-        return (str(r.get("images_per_class", "?")), f"{r.get('width', '?'):g}" if isinstance(r.get("width"), float)
-                else str(r.get("width", "?")), str(r.get("tail", "?")))
+    def cell(r: dict[str, Any]) -> tuple[str, str, str]:  # as supersub.study._cell places a run
+        return str(r["images_per_class"]), f"{r['width']:g}", r["tail"]
 
     cells = list(dict.fromkeys(cell(r) for r in rows))  # the order runs first appear in
     rows = sorted(rows, key=lambda r: cells.index(cell(r)))

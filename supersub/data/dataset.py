@@ -84,8 +84,8 @@ class TensorTrainTransform:
 
     ``> 64`` px: the crop is drawn by ``RandomResizedCrop.get_params`` on the full geometry (the
     same function, scale and ratio ranges and global RNG as the PIL path), then cropped and
-    resized (bilinear, antialiased) by ``transforms.v2`` on uint8 pixels, and flipped with
-    probability ½. ``<= 64`` px: fit, padded random crop, flip, as for PIL images. Why: on a
+    resized (bilinear, antialiased) on uint8 pixels — the pixels of ``transforms.v2``'s
+    ``resized_crop`` — and flipped with probability ½. ``<= 64`` px: fit, padded random crop, flip, as for PIL images. Why: on a
     full-size ImageNet JPEG this and the JPEG fast path take ~2/3 the CPU time of PIL's decode +
     crop + float conversion (``benchmarks/data_throughput.py``), and a uint8 batch is a quarter of
     the bytes a DataLoader worker hands over.
