@@ -36,11 +36,13 @@ from supersub.pipeline_config import PipelineConfig
 from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, remove_leftovers, run_tasks
 from supersub.tasks import (
     DataOptions,
+    JointTask,
     LearnedHierarchyTask,
     NetworkTask,
     RouterTask,
     SpecialistTask,
     digest,
+    expert_dir,
     folder_for,
 )
 from supersub.train import amp_dtype, pick_device
@@ -133,8 +135,10 @@ def specialist_task(cfg: PipelineConfig, superclass: int | None, data: DataOptio
     return t
 
 
-def planned_images(task: SpecialistTask | NetworkTask | RouterTask, hierarchy: Hierarchy, manifest) -> int:
+def planned_images(task: SpecialistTask | NetworkTask | RouterTask | JointTask, hierarchy: Hierarchy, manifest) -> int:
     """Training images a task will see, from the manifest alone (before it runs)."""
+    if isinstance(task, JointTask):
+        return task.expert_passes
     if getattr(task, "train_images", None) is not None:
         return task.train_images // task.optim.batch_size * task.optim.batch_size
     spec: LoaderSpec = task.loader_specs()["train"]
@@ -228,14 +232,24 @@ def specialist_tasks(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> list[S
             for s in range(b.hierarchy.num_superclasses)]
 
 
-def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path) -> RouterTask | None:
+def router_task(cfg: PipelineConfig, b: BaseNetworks, root: Path, spec_images: int | None = None) -> RouterTask | JointTask | None:
     """``generalist.kind=trunk_router``: the superclass head on the vanilla network's trunk (with
     a frozen trunk it needs only the vanilla network, so it trains beside the specialists; one that
-    finetunes the trunk trains before them, as their resident)."""
+    finetunes the trunk trains before them, as their resident). ``router_trunk=joint``: the task
+    that trains trunk, router and experts together on ``spec_images`` expert passes, the budget of
+    the specialists it replaces."""
     if cfg.generalist.kind != "trunk_router":
         return None
     if b.finetuned is not None:
         return b.finetuned
+    if cfg.generalist.router_trunk == "joint":
+        if spec_images is None:
+            raise ValueError("a joint router task needs the specialists' images (spec_images)")
+        t = JointTask(b.vanilla.out_dir, cfg.delta.first_stage, cfg.generalist.router_width, cfg.generalist.router_optim.lr,
+                      cfg.delta, cfg.specialist.optim, cfg.specialist.negatives, spec_images, b.data, "", cfg.seed,
+                      {"resident": network_hash(b.vanilla.out_dir)}, cfg.resources.runner)
+        t.out_dir = folder_for(root, t.name, t.fingerprint())
+        return t
     t = RouterTask(b.vanilla.out_dir, cfg.delta.first_stage, cfg.generalist.router_width, cfg.generalist.router_optim,
                    b.data, "", cfg.seed, {"resident": network_hash(b.vanilla.out_dir)}, cfg.generalist.router_distill,
                    runner=cfg.resources.runner, trunk=cfg.generalist.router_trunk)
@@ -284,7 +298,9 @@ def run_pipeline(
     log(f"== specialists ({b.hierarchy.num_superclasses})")
     specialists = specialist_tasks(cfg, b, root)
     spec_images = sum(planned_images(t, b.hierarchy, manifest) for t in specialists)
-    router = router_task(cfg, b, root)
+    router = router_task(cfg, b, root, spec_images)
+    if isinstance(router, JointTask):  # its experts replace the specialist tasks, on their budget
+        specialists, spec_images = [], router.expert_passes
     tasks: list = list(specialists) + ([router] if router and router is not b.finetuned else [])
     if cfg.baselines.delta_all:
         tasks.append(specialist_task(cfg, None, b.data, root, b.vanilla.out_dir, b.vanilla.out_dir, train_images=spec_images))
@@ -293,7 +309,7 @@ def run_pipeline(
         b.extra["vanilla_long"] = [long]
         tasks.append(long)
     run_tasks(runner, tasks, cfg.resources, log)
-    actual = sum(t.result()["train_images"] for t in specialists)
+    actual = sum(t.result()["train_images"] for t in (specialists or [router]))
     if actual != spec_images:
         log(f"warning: the specialists saw {actual:,} training images, {spec_images:,} were planned for the controls")
 
@@ -336,17 +352,24 @@ def run_pipeline(
 
 
 def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[SpecialistTask], tasks: list,
-             log=print, router: RouterTask | None = None) -> dict[str, Any]:
+             log=print, router: RouterTask | JointTask | None = None) -> dict[str, Any]:
     """Evaluates the run's models, writes predictions.parquet and bundle/; returns the metrics."""
     device = pick_device(cfg.device)
     manifest = load_manifest(b.data.manifest_dir)
     h = manifest.hierarchy
+    joint = isinstance(router, JointTask)  # the experts, and the resident they share, are its outputs
+    if joint:
+        specialist_dirs = [expert_dir(router.out_dir, s) for s in range(h.num_superclasses)]
+        specialist_results = router.result()["specialists"]
+    else:
+        specialist_dirs, specialist_results = [t.out_dir for t in specialists], [t.result() for t in specialists]
     delta_all = next((t for t in tasks if isinstance(t, SpecialistTask) and t.superclass is None), None)
     inputs = EvaluationInputs(
         manifest_dir=b.data.manifest_dir, image_size=cfg.data.image_size,
         resident="generalist" if cfg.generalist.kind == "own" else "vanilla",
         specialists_use_vanilla=any(t.inputs.get("vanilla") or t.init_dir for t in specialists),
-        resident_dir=b.resident_dir, vanilla_dir=b.vanilla.out_dir, specialist_dirs=[t.out_dir for t in specialists],
+        resident_dir=router.out_dir if joint else b.resident_dir, vanilla_dir=b.vanilla.out_dir,
+        specialist_dirs=specialist_dirs,
         baseline_dirs={k: [t.out_dir for t in ts] for k, ts in b.extra.items()},
         delta_all_dir=delta_all.out_dir if delta_all else None, loader=b.data.loader, num_workers=cfg.data.num_workers,
         cache_dir=cfg.data.cache_dir, router_dir=router.out_dir if router else None,
@@ -367,7 +390,6 @@ def evaluate(cfg: PipelineConfig, out: Path, b: BaseNetworks, specialists: list[
         evaluation=result["evaluation"], baselines=baselines, router=result["_router"],
         extra={"pipeline": {"name": cfg.name, "seed": cfg.seed, "test_split": result["test_split"]}},
     )
-    specialist_results = [t.result() for t in specialists]
     return {
         "name": cfg.name,
         "seed": cfg.seed,

@@ -70,20 +70,23 @@ class GeneralistConfig:
     router_distill: float = field(
         0.0, help="trunk_router: weight of distillation from the vanilla network's own superclass answer (0: labels only)"
     )
-    router_trunk: Literal["frozen", "finetune"] = field(
+    router_trunk: Literal["frozen", "finetune", "joint"] = field(
         "frozen", help="trunk_router: frozen: only the router head trains, on the vanilla network's own trunk; "
         "finetune: the whole vanilla network is finetuned with the router as a second head (Network of Experts' "
-        "order), and that network is the resident the specialists' deltas are taken against"
+        "order), and that network is the resident the specialists' deltas are taken against; joint: trunk, router "
+        "and every expert's delta train together, for the specialists' images (specialist.optim; the trunk at "
+        "router_optim.lr), each image through its own superclass's expert"
     )
     router_optim: OptimConfig = field(
         OptimConfig(epochs=10, batch_size=128, lr=0.1, warmup_epochs=0.0, weight_decay=5e-4),
-        help="trunk_router: training of the router head (router_trunk=finetune: of the whole network with it)",
+        help="trunk_router: training of the router head (router_trunk=finetune: of the whole network with it; "
+        "joint: only its lr is used, the trunk's)",
     )
 
     def __post_init__(self) -> None:
         if not 0 <= self.router_width <= 4 or not 0 <= self.router_distill <= 1:
             raise ValueError("generalist: router_width must be in [0, 4] and router_distill in [0, 1]")
-        if self.router_trunk == "finetune" and self.router_distill > 0:
+        if self.router_trunk != "frozen" and self.router_distill > 0:
             raise ValueError("generalist.router_distill distils from the vanilla network's frozen answer: it needs "
                              "router_trunk=frozen")
 
@@ -223,6 +226,17 @@ class PipelineConfig:
         if self.generalist.kind == "trunk_router" and self.delta.first_stage < 1:
             raise ValueError("generalist.kind=trunk_router routes on the shared trunk: delta.stages must leave out "
                              "the stem (e.g. delta.stages=[layer4] or [layer3,layer4])")
+        if self.generalist.router_trunk == "joint":
+            if self.generalist.kind != "trunk_router":
+                raise ValueError("generalist.router_trunk=joint trains the trunk router with the experts: it needs "
+                                 "generalist.kind=trunk_router")
+            if self.delta.mask == "fisher" or self.specialist.distill > 0 or self.specialist.init != "resident":
+                raise ValueError("generalist.router_trunk=joint trains every expert in one step from the resident: "
+                                 "delta.mask=fisher, specialist.distill and specialist.init=vanilla need the separate "
+                                 "specialists (router_trunk=frozen or finetune)")
+            if self.resources.num_workers > 1:
+                raise ValueError("generalist.router_trunk=joint runs on one worker (its experts run outside the "
+                                 "forward DDP sees): set resources.num_workers=1")
 
 
 def _absolute(path: str | None) -> str | None:

@@ -41,7 +41,7 @@ from supersub.config import ConfigError
 from supersub.data.loaders import LoaderSpec, select
 from supersub.hierarchy import Hierarchy
 from supersub.pipeline_config import PipelineConfig
-from supersub.tasks import DataOptions
+from supersub.tasks import DataOptions, RouterTask
 
 ILSVRC2012_TRAIN = 1_281_167  # training images, 1,000 classes
 ILSVRC2012_CLASSES = 1000
@@ -143,12 +143,15 @@ def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy
         if learned and generalist is not None:
             stages.append(("generalist on the learned hierarchy", [generalist]))
         b = p.BaseNetworks(data, data, hierarchy, vanilla, generalist, extra)
-        router = p.router_task(cfg, b, root)
-        if router is not None and router.trunk == "finetune":  # trained first: the specialists' resident
+        router = p.router_task(cfg, b, root, spec_images=0)  # joint: rebuilt on the specialists' images below
+        if isinstance(router, RouterTask) and router.trunk == "finetune":  # trained first: the specialists' resident
             b.finetuned = router
             stages.append(("finetuned trunk", [router]))
         specialists = p.specialist_tasks(cfg, b, root)
         spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
+        if cfg.generalist.router_trunk == "joint" and router is not None:  # its experts replace the specialists
+            router = p.router_task(cfg, b, root, spec_images)
+            specialists, spec_images = [], router.expert_passes
         second: list = list(specialists)
         if router is not None and b.finetuned is None:
             second.append(router)
@@ -176,7 +179,7 @@ def val_passes(task, manifest) -> tuple[int, int]:
     n_sub = len(h.superclasses[spec.superclass].subclasses) if spec.superclass is not None else 0
     per_epoch = select(manifest.subclass[rows], manifest.superclass[rows], spec, n_sub, 0)[0].size
     steps = max(1, per_epoch // spec.batch_size)
-    budget = getattr(task, "train_images", None)
+    budget = getattr(task, "trunk_images", getattr(task, "train_images", None))  # joint: images through the trunk
     epochs = schedule_steps(task.optim, steps, 1, budget)[1] if budget is not None else task.optim.epochs
     vspec = specs.get("val")
     if vspec is None:

@@ -21,6 +21,11 @@ network is finetuned with the router as a second head (:class:`MultitaskTrunk`: 
 CE on the router), so the trunk learns features that route; that finetuned network is then the
 resident every specialist's delta is taken against. It costs a network's training for the
 router's epochs, which the equal-images controls are given too.
+
+``generalist.router_trunk=joint`` goes the whole way (:class:`JointExperts`): trunk, router and
+every expert's delta train together, for the specialists' epochs and images, each image through
+the router and its own superclass's expert on the same trunk features (the experts then shape the
+trunk, as Network of Experts trains end to end).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from supersub.models import STAGES, ResNet
+from supersub.models import STAGES, ResNet, stage_of
 
 ROUTER_FILE = "router.safetensors"
 
@@ -136,3 +141,47 @@ class MultitaskTrunk(nn.Module):
         trunk = self.base.forward_stages(x, 0, self.first_stage)
         self.router_logits = self.router(trunk)
         return self.base.forward_head(self.base.forward_stages(trunk, self.first_stage))
+
+
+class JointExperts(nn.Module):
+    """For training trunk, router and experts together: one trunk forward per batch feeds the
+    router, every image's expert (resident tail + its delta + its head, a specialist built by
+    :func:`supersub.delta.add_delta`) and the resident's own tail and head.
+
+    Trainable: the trunk (``lr_scale`` on its parameters: it is finetuned, the heads are fresh),
+    the router, each expert's delta, head and adapted BatchNorms. The resident's tail and head stay
+    frozen, so they are still the base every delta is taken against; the resident's own answer
+    (what ``forward`` returns, scored by :func:`supersub.fit.fit`) trains the trunk to keep it a
+    working network. The experts run in the loss (they need the labels to route): ``forward``
+    keeps the trunk features in :attr:`trunk`. The experts' own copies of the trunk stages are
+    never run."""
+
+    def __init__(self, base: ResNet, router: TrunkRouter, experts: list[ResNet], first_stage: int,
+                 train_mode, trunk_lr_scale: float = 1.0) -> None:
+        super().__init__()
+        self.base, self.router, self.experts, self.first_stage = base, router, nn.ModuleList(experts), first_stage
+        self._expert_train_mode = train_mode  # supersub.delta.set_train_mode with the delta config
+        self.trunk: torch.Tensor | None = None
+        for name, p in base.named_parameters():
+            p.requires_grad_(stage_of(name) < first_stage)
+            if stage_of(name) < first_stage:
+                p.lr_scale = trunk_lr_scale
+
+    def train(self, mode: bool = True) -> JointExperts:
+        super().train(mode)
+        if mode:
+            for name, m in self.base.named_children():
+                if stage_of(name) >= self.first_stage:
+                    m.eval()  # the resident's tail keeps its statistics: the experts' base
+            for expert in self.experts:
+                self._expert_train_mode(expert)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.trunk = self.base.forward_stages(x, 0, self.first_stage)
+        return self.base.forward_head(self.base.forward_stages(self.trunk, self.first_stage))
+
+    def expert(self, s: int, trunk: torch.Tensor) -> torch.Tensor:
+        """Expert ``s``'s logits on trunk features."""
+        e = self.experts[s]
+        return e.forward_head(e.forward_stages(trunk, self.first_stage))

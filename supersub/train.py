@@ -82,18 +82,26 @@ def use_channels_last(cfg: OptimConfig, device: torch.device) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only: decaying BN scales and biases hurts small nets."""
-    decay, no_decay = [], []
+    """Weight decay on conv/linear weights only: decaying BN scales and biases hurts small nets.
+    A parameter with an ``lr_scale`` attribute (a finetuned trunk under fresh heads) gets its own
+    groups at that multiple of the learning rate."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.ndim > 1, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    out = [{"params": groups.pop((True, 1.0), []), "weight_decay": weight_decay},
+           {"params": groups.pop((False, 1.0), []), "weight_decay": 0.0}]
+    return out + [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+                  for (decay, scale), ps in groups.items()]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> torch.optim.Optimizer:
     # Linear scaling rule (Goyal et al. 2017): lr is given for a global batch of 128.
     lr = cfg.lr * cfg.batch_size * world_size / 128
     groups = param_groups(model, cfg.weight_decay)
+    for g in groups:
+        if "lr_scale" in g:
+            g["lr"] = lr * g.pop("lr_scale")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr)

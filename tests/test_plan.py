@@ -37,9 +37,13 @@ def rates(tmp_path: Path) -> Path:
     return path
 
 
+JOINT = ["generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_trunk=joint", "baselines.delta_all=false"]
+
+
 @pytest.mark.slow
-def test_planned_images_are_what_a_tiny_run_trains_on(tmp_path: Path) -> None:
-    cfg = load_config(PipelineConfig, "jobs/configs/default.yaml", TINY)
+@pytest.mark.parametrize("extra", [[], JOINT], ids=["separate", "joint"])
+def test_planned_images_are_what_a_tiny_run_trains_on(tmp_path: Path, extra: list[str]) -> None:
+    cfg = load_config(PipelineConfig, "jobs/configs/default.yaml", TINY + extra)
     out = tmp_path / "run"
     plan = make_plan(cfg, out, rates(tmp_path), log=lambda _: None)  # builds out/data, which the run reuses
     assert "counts from the manifest built from synthetic" in plan["counts_from"]

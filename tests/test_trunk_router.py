@@ -226,3 +226,111 @@ def test_pipeline_with_a_finetuned_trunk_uses_it_as_the_resident(tmp_path, capsy
     result = json.loads(capsys.readouterr().out)
     for name in ("two_stage_hard", "two_stage_soft", "stage1"):
         assert result["models"][name].get("top1") == models[name].get("top1"), name
+
+
+def joint_model(negatives=0.5):
+    """A JointExperts on make_predictor's network (3 superclasses of 3), with its task."""
+    from supersub.delta import set_train_mode
+    from supersub.router import JointExperts
+    from supersub.tasks import JointTask
+    from supersub.train import OptimConfig
+
+    h = make_hierarchy()
+    _, base, _ = make_predictor(h, stages=("layer4",))
+    cfg = DeltaConfig(keep=0.2, bits=4, stages=["layer4"])
+    task = JointTask("unused", 4, 0.5, 0.01, cfg, OptimConfig(batch_size=8, lr=0.1), negatives, 10_000, None, "")
+    experts = task.experts(base, h)
+    router = router_spec(base, 4, 32, 0.5, h.num_superclasses).build()
+    model = JointExperts(base, router, [e for e, _ in experts], 4, lambda m: set_train_mode(m, cfg),
+                         trunk_lr_scale=0.1)
+    return h, base, model, task
+
+
+def test_joint_training_trains_trunk_router_and_experts_and_keeps_their_base():
+    """router_trunk=joint: one loss trains the trunk (at its own lr), the router and every expert
+    whose superclass is in the batch; the resident's tail and head, every delta's base, stay fixed."""
+    from supersub.train import build_optimizer
+
+    h, base, model, task = joint_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    expert_before = [{k: v.clone() for k, v in e.state_dict().items()} for e in model.experts]
+    model.train()
+    assert base.layer1.training and not base.layer4.training  # the tail keeps the resident's statistics
+    opt = build_optimizer(model, task.optim)
+    peak = 0.1 * 8 / 128  # lr is given for 128 images
+    assert sorted({g["lr"] for g in opt.param_groups if g["params"]}) == pytest.approx([peak * 0.1, peak])
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])  # superclasses 0 and 1 only
+    loss = task.loss(model, h, 0.0)(model(x), y, x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = base.state_dict()
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # the trunk learns
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("layer4.", "fc.")))
+    assert any(p.grad is not None for p in model.router.parameters())
+    changed = [any(not torch.equal(v, e.state_dict()[k]) for k, v in eb.items() if "original" not in k)
+               for e, eb in zip(model.experts, expert_before)]
+    # experts 0 and 1 saw their images; expert 2 only negatives (labelled "other"), if drawn
+    assert changed[0] and changed[1]
+    for e, eb in zip(model.experts, expert_before):  # each delta's base is the resident's tail, still
+        assert all(torch.equal(v, e.state_dict()[k]) for k, v in eb.items() if "original" in k)
+
+
+def test_joint_negatives_go_to_another_expert_as_other_and_follow_the_batch():
+    """The draw of negatives is a function of the batch's labels and the seed (a resumed run draws
+    the same), never an image's own expert, and its target is that expert's "other" output."""
+    h, _, model, task = joint_model()
+    seen: list[tuple[int, torch.Tensor]] = []
+    model.expert = lambda s, trunk, real=model.expert: seen.append((s, trunk.shape[0])) or real(s, trunk)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 0, 0, 0, 0, 0, 0])  # all superclass 0
+    loss_fn = task.loss(model, h, 0.0)
+    first = loss_fn(model(x), y, x)
+    counts = dict(seen)
+    assert counts[0] == 8 and sum(counts.values()) == 8 + task.negatives_per_batch  # 4 negatives, elsewhere
+    seen.clear()
+    assert torch.equal(loss_fn(model(x), y, x), first) and dict(seen) == counts  # the same draw again
+
+
+def test_joint_budget_is_in_expert_passes():
+    _, _, _, task = joint_model()
+    assert task.negatives_per_batch == 4 and task.steps == 10_000 // 12
+    assert task.expert_passes == task.steps * 12 <= 10_000 and task.trunk_images == task.steps * 8
+
+
+def test_joint_config_is_refused_where_it_cannot_run():
+    base = ["generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_trunk=joint"]
+    load_config(PipelineConfig, "jobs/configs/default.yaml", base)
+    for extra, why in ((["generalist.kind=vanilla"], "trunk_router"), (["delta.mask=fisher"], "separate"),
+                       (["specialist.distill=0.5"], "separate"), (["resources.num_workers=2"], "one worker")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(PipelineConfig, "jobs/configs/default.yaml", base + extra)
+
+
+@pytest.mark.slow
+def test_pipeline_with_joint_training_serves_its_experts(tmp_path, capsys):
+    """router_trunk=joint: one task writes the finetuned resident, the router and every expert's
+    delta; the controls get the specialists' budget; `supersub evaluate` reproduces the bundle."""
+    from supersub.cli import main
+    from supersub.networks import load_network, network_hash
+
+    cfg = tiny("generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_trunk=joint",
+               "generalist.router_optim.lr=0.02", "baselines.vanilla_long=true", "baselines.delta_all=false")
+    metrics = run_pipeline(cfg, tmp_path, log=quiet)
+    assert not any(name.startswith("specialist_") for name in metrics["tasks"])  # the joint task trained them
+    joint_dir = tmp_path / metrics["tasks"]["joint"]
+    joint = json.loads((joint_dir / "metrics.json").read_text())
+    assert network_hash(joint_dir) != network_hash(tmp_path / metrics["tasks"]["vanilla"])
+    assert len(metrics["specialists"]) == 3 and all(s["delta_bytes"] > 0 for s in metrics["specialists"])
+    assert joint["train_images"] == joint["trunk_images"] // 32 * (32 + 16)
+    models = metrics["models"]
+    assert models["two_stage_hard"]["train_images"] == models["vanilla"]["train_images"] + joint["train_images"]
+    assert models["vanilla_long"]["train_images"] == models["two_stage_hard"]["train_images"]
+    assert models["two_stage_hard"]["flops_ratio"] <= 1.05
+    b = load_bundle(tmp_path / "bundle")
+    base = b.load_base().state_dict()
+    assert all(torch.equal(base[k], v) for k, v in load_network(joint_dir)[0].state_dict().items())
+    capsys.readouterr()
+    assert main(["evaluate", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "data"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("two_stage_hard", "two_stage_soft", "two_stage_oracle", "stage1"):
+        assert result["models"][name].get("top1") == models[name].get("top1"), name

@@ -164,12 +164,15 @@ def test_tune_whose_every_trial_fails_exits_non_zero(tiny: dict, tmp_path: Path,
     ("num_samples: 0", "num_samples must be an integer >= 1"),
     ("max_concurrent_trials: 1.5", "max_concurrent_trials must be null or an integer >= 1"),
     ("stall_timeout_s: -1", "stall_timeout_s must be a number of seconds > 0"),
+    ("overrides: [generalist.kind=trunk_router, 'delta.stages=[layer4]', generalist.router_trunk=joint]",
+     "generalist.router_trunk=joint trains every expert in one task"),
 ])
 def test_space_settings_are_checked_before_ray_starts(tmp_path: Path, capsys, settings: str, message: str) -> None:
     from jobs.tune import main
 
     space = tmp_path / "bad.yaml"
-    space.write_text(f"{settings}\noverrides: [specialist.optim.epochs=2]\nspace:\n  delta.bits: {{choice: [2, 8]}}\n")
+    overrides = "" if settings.startswith("overrides:") else "overrides: [specialist.optim.epochs=2]\n"
+    space.write_text(f"{settings}\n{overrides}space:\n  delta.bits: {{choice: [2, 8]}}\n")
     code = main(["--space", str(space), "--config", str(REPO / "jobs" / "configs" / "default.yaml"),
                  "--out", str(tmp_path / "out"), "tracking.enabled=false"])
     out, err = capsys.readouterr()
