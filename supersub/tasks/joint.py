@@ -139,7 +139,7 @@ class JointTask(Task):
                 rows = torch.cat([rows, neg])
                 owner = torch.cat([owner, other])
                 target = torch.cat([target, sizes.to(dev)[other]])  # the "other" output follows the members
-            expert_loss = trunk.new_zeros(())
+            expert_loss = torch.zeros((), device=dev)
             for s in owner.unique().tolist():
                 pick = owner == s
                 out = model.expert(s, trunk[rows[pick]]).float()
