@@ -41,7 +41,7 @@ from supersub.config import ConfigError
 from supersub.data.loaders import LoaderSpec, select
 from supersub.hierarchy import Hierarchy
 from supersub.pipeline_config import PipelineConfig
-from supersub.tasks import DataOptions, RouterTask
+from supersub.tasks import DataOptions
 
 ILSVRC2012_TRAIN = 1_281_167  # training images, 1,000 classes
 ILSVRC2012_CLASSES = 1000
@@ -143,13 +143,14 @@ def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy
         if learned and generalist is not None:
             stages.append(("generalist on the learned hierarchy", [generalist]))
         b = p.BaseNetworks(data, data, hierarchy, vanilla, generalist, extra)
-        router = p.router_task(cfg, b, root, spec_images=0)  # joint: rebuilt on the specialists' images below
-        if isinstance(router, RouterTask) and router.trunk == "finetune":  # trained first: the specialists' resident
+        joint = cfg.generalist.kind == "trunk_router" and cfg.generalist.router_trunk == "joint"
+        router = None if joint else p.router_task(cfg, b, root)
+        if router is not None and router.trunk == "finetune":  # trained first: the specialists' resident
             b.finetuned = router
             stages.append(("finetuned trunk", [router]))
         specialists = p.specialist_tasks(cfg, b, root)
         spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
-        if cfg.generalist.router_trunk == "joint" and router is not None:  # its experts replace the specialists
+        if joint:  # its experts replace the specialists, on their budget
             router = p.router_task(cfg, b, root, spec_images)
             specialists, spec_images = [], router.expert_passes
         second: list = list(specialists)
