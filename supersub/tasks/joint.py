@@ -49,6 +49,14 @@ def expert_dir(out_dir: str | Path, superclass: int) -> str:
     return str(Path(out_dir) / EXPERTS_DIR / f"specialist_{superclass}")
 
 
+def local_index(hierarchy) -> torch.Tensor:
+    """Each subclass's position among its superclass's members: its expert's output index."""
+    local = torch.zeros(hierarchy.num_subclasses, dtype=torch.long)
+    for members in hierarchy.coarse_to_fine:
+        local[torch.tensor(members)] = torch.arange(len(members))
+    return local
+
+
 @register
 @dataclass
 class JointTask(Task):
@@ -120,9 +128,7 @@ class JointTask(Task):
         negatives), from one trunk forward. Which images are negatives, and whose, follows from the
         batch's labels and the seed, so a resumed run draws what the first one did."""
         coarse = torch.tensor(hierarchy.fine_to_coarse)
-        local = torch.zeros(hierarchy.num_subclasses, dtype=torch.long)
-        for members in hierarchy.coarse_to_fine:
-            local[torch.tensor(members)] = torch.arange(len(members))
+        local = local_index(hierarchy)
         S, k = hierarchy.num_superclasses, self.negatives_per_batch
         sizes = torch.tensor([len(m) for m in hierarchy.coarse_to_fine])
 
@@ -155,9 +161,7 @@ class JointTask(Task):
         as a specialist task's ``val_acc``."""
         model.eval()
         coarse = torch.tensor(hierarchy.fine_to_coarse)
-        local = torch.zeros(hierarchy.num_subclasses, dtype=torch.long)
-        for members in hierarchy.coarse_to_fine:
-            local[torch.tensor(members)] = torch.arange(len(members))
+        local = local_index(hierarchy)
         right, seen = torch.zeros(hierarchy.num_superclasses), torch.zeros(hierarchy.num_superclasses)
         for x, y in val:
             x, y = x.to(device), y.cpu()
