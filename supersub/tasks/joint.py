@@ -108,7 +108,8 @@ class JointTask(Task):
     def loader_specs(self) -> dict[str, LoaderSpec]:
         bs = self.optim.batch_size
         return {"train": LoaderSpec("train", "fine", True, bs, seed=self.seed),
-                "val": LoaderSpec("val", "fine", False, bs * 2, seed=self.seed)}
+                "val": LoaderSpec("val", "fine", False, bs * 2, seed=self.seed),
+                "val_coarse": LoaderSpec("val", "coarse", False, bs * 2, seed=self.seed)}  # the router's, at the end
 
     # ------------------------------------------------------------------ pieces
     def experts(self, resident, hierarchy) -> list[tuple[nn.Module, list[nn.Module]]]:
@@ -205,8 +206,7 @@ class JointTask(Task):
         packed = [method.export(e, self.delta, s) for s, e in enumerate(plain.experts)]
         expert_acc = self.expert_accuracy(plain, val, ctx.device, h)  # after export: the stored deltas' accuracy
         router_acc = evaluate(RoutedTrunk(plain.base, plain.router, self.first_stage),
-                              self.loader(ctx, manifest, LoaderSpec("val", "coarse", False, self.optim.batch_size * 2,
-                                                                    seed=self.seed)), ctx.device, self.optim)["top1"]
+                              self.loader(ctx, manifest, specs["val_coarse"]), ctx.device, self.optim)["top1"]
         result = {"name": self.name, "peak_lr": peak_lr(self.optim, ctx.world_size),
                   **summary(history, time.perf_counter() - t0), "router": spec.to_dict(), "val_acc": router_acc,
                   "network_val_acc": history[-1]["val_acc"] if history else float("nan")}
