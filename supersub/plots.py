@@ -229,9 +229,9 @@ def severity_histogram(hists: dict[str, dict[int, int]], path: Path) -> Path:
 
 def regime_map_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The regime map: per cell and two-stage model, its top-1 minus the best control at no more
-    than its inference FLOPs, with the 95 % interval (points above zero: specialisation paid).
-    Bars are grouped by cell (images per class, width, tail), each group labelled beneath, so a
-    cell's variants (routers, expert sizes) stand side by side."""
+    than its inference FLOPs, with the 95 % interval (bars right of zero: specialisation paid).
+    Horizontal bars, one line each, grouped by cell (images per class, width, tail) under the
+    cell's heading, so a study of many variants stays readable: the figure grows downwards."""
     plt = _plt()
     rows = [r for r in rows if r.get("minus_best_control")]
 
@@ -240,33 +240,35 @@ def regime_map_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     cells = list(dict.fromkeys(cell(r) for r in rows))  # the order runs first appear in
     rows = sorted(rows, key=lambda r: cells.index(cell(r)))
-    x, pos, group_x = [], 0.0, {}
+    y, pos, headings = [], 0.0, {}
     for i, r in enumerate(rows):
-        if i and cell(r) != cell(rows[i - 1]):
-            pos += 0.8  # a gap between cells
-        x.append(pos)
-        group_x.setdefault(cell(r), []).append(pos)
+        if i == 0 or cell(r) != cell(rows[i - 1]):
+            pos += 0.4 if i else 0.0
+            headings[cell(r)] = pos
+            pos += 1.0  # the heading's own line
+        y.append(pos)
         pos += 1.0
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * pos + 2.0), 4.8))
+    fig, ax = plt.subplots(figsize=(9.0, max(3.0, 0.26 * pos + 1.2)))
     d = np.array([r["minus_best_control"]["delta"] for r in rows])
     lo = d - np.array([r["minus_best_control"]["low"] for r in rows])
     hi = np.array([r["minus_best_control"]["high"] for r in rows]) - d
     colours = ["tab:green" if r["minus_best_control"]["low"] > 0 else "tab:red" if r["minus_best_control"]["high"] < 0
                else "tab:gray" for r in rows]
     hatches = ["" if r["model"] == "two_stage_hard" else "//" for r in rows]
-    bars = ax.bar(x, d, 0.7, color=colours, yerr=[lo, hi], capsize=3)
+    bars = ax.barh(y, d, 0.75, color=colours, xerr=[lo, hi], capsize=2)
     for bar, hatch in zip(bars, hatches):
         bar.set_hatch(hatch)
-    ax.axhline(0, color="black", lw=0.8)
-    names = [f"{r['variant']}\n{r['model'].removeprefix('two_stage_')}\nvs {r['best_control']}" for r in rows]
-    ax.set_xticks(x, names, fontsize=6)
-    bottom = min(0.0, float((d - lo).min()))
-    for c, xs in group_x.items():
-        ax.text(float(np.mean(xs)), bottom * 1.08, f"{c[0]} img/class\nwidth {c[1]}\n{c[2]}", ha="center",
-                va="top", fontsize=7, weight="bold")
-    ax.set_ylim(bottom * 1.3, max(1.0, float((d + hi).max()) + 1.0))
-    ax.set_ylabel("top-1 points: two-stage − best control")
-    ax.set_title("Where Super-Sub pays: two-stage minus the best control at ≤ its inference FLOPs "
-                 "(95 % CI; hatched: the served routing)")
-    ax.grid(axis="y", alpha=0.3)
+    ax.axvline(0, color="black", lw=0.8)
+    names = [f"{r['variant']} {r['model'].removeprefix('two_stage_')} vs {r['best_control']}" for r in rows]
+    ax.set_yticks(y, names, fontsize=7)
+    left = min(0.0, float((d - lo).min())) * 1.05
+    for c, at in headings.items():
+        ax.text(left, at, f"{c[0]} img/class, width {c[1]}, {c[2]}", ha="left", va="center", fontsize=8,
+                weight="bold")
+    ax.set_xlim(left, max(1.0, float((d + hi).max()) + 1.0))
+    ax.set_ylim(pos, -1.0)  # the first cell on top
+    ax.set_xlabel("top-1 points: two-stage − best control")
+    ax.set_title("Where Super-Sub pays: two-stage minus the best control at ≤ its inference FLOPs\n"
+                 "(95 % CI; hatched: the served routing)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
