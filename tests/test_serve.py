@@ -12,6 +12,7 @@ test names' docstrings.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import struct
@@ -557,16 +558,35 @@ def _running(app_name: str, deployment: str) -> int:
 
 def test_healthz_is_503_while_a_stage_is_down(server: str) -> None:
     """(4) With every Specialist replica dead, /healthz says so (503), then ok again once Serve
-    has replaced them."""
-    for name in _replicas("stages", "Specialist"):
-        ray.kill(ray.get_actor(name, namespace="serve"))
+    has replaced them. The replicas are kept dead (each replacement killed as it appears) until
+    /healthz answers: on a quiet machine Serve replaces them within the health check's own 5 s
+    wait, and a stage that is back is rightly healthy."""
+    stop = threading.Event()
+
+    def keep_down() -> None:
+        while not stop.is_set():
+            for name in _replicas("stages", "Specialist"):
+                with contextlib.suppress(ValueError):  # gone between the listing and the lookup
+                    ray.kill(ray.get_actor(name, namespace="serve"))
+            stop.wait(0.2)
+
+    killer = threading.Thread(target=keep_down, daemon=True)
+    killer.start()
     with httpx.Client(base_url=server, timeout=30) as c:
-        r = c.get("/stages/healthz")
+        try:
+            time.sleep(0.5)  # the first kills have landed
+            r = c.get("/stages/healthz")
+        finally:
+            stop.set()
+            killer.join()
         assert r.status_code == 503 and r.headers.get("retry-after") and "unavailable" in r.json()["detail"]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and c.get("/stages/healthz").status_code != 200:
             time.sleep(1)
         assert c.get("/stages/healthz").status_code == 200
+    while time.monotonic() < deadline and _running("stages", "Specialist") < 2:  # both back, for the tests after
+        time.sleep(0.5)
+    assert _running("stages", "Specialist") == 2
 
 
 @pytest.mark.parametrize("deployment", ["Specialist", "Generalist"])
