@@ -163,8 +163,9 @@ class JointExperts(nn.Module):
         self._expert_train_mode = train_mode  # supersub.delta.set_train_mode with the delta config
         self.trunk: torch.Tensor | None = None
         for name, p in base.named_parameters():
-            p.requires_grad_(stage_of(name) < first_stage)
-            if stage_of(name) < first_stage:
+            in_trunk = stage_of(name) < first_stage
+            p.requires_grad_(in_trunk)
+            if in_trunk:
                 p.lr_scale = trunk_lr_scale
 
     def train(self, mode: bool = True) -> JointExperts:

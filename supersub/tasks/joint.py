@@ -38,7 +38,7 @@ from supersub.networks import OUTPUT_FILES, load_network, save_network, save_wei
 from supersub.router import ROUTER_FILE, JointExperts, RoutedTrunk, router_spec
 from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
 from supersub.tasks.router import SPEC_FILE
-from supersub.tasks.specialist import DELTA_FILE
+from supersub.tasks.specialist import DELTA_FILE, delta_stats
 from supersub.train import OptimConfig, evaluate, seed_everything, unwrap
 
 EXPERTS_DIR = "specialists"
@@ -215,14 +215,9 @@ class JointTask(Task):
         result["trunk_images"] = result["train_images"]
         result["train_images"] = result["trunk_images"] // self.optim.batch_size * (
             self.optim.batch_size + self.negatives_per_batch)
-        vanilla_bytes = state_bytes(plain.base)
-        result["specialists"] = [
-            {"superclass": s, "val_acc": expert_acc[s], "delta_bytes": len(p.to_bytes()),
-             "delta_ratio": len(p.to_bytes()) / vanilla_bytes,
-             "delta_density": sum(int(e["nnz"]) for e in p.meta["layers"].values())
-             / max(1, sum(int(torch.tensor(e["shape"]).prod()) for e in p.meta["layers"].values())),
-             "wall_seconds": None, "train_images": None}
-            for s, p in enumerate(packed)]
+        network_bytes = state_bytes(plain.base)
+        result["specialists"] = [{"superclass": s, "val_acc": expert_acc[s], **delta_stats(p, network_bytes)}
+                                 for s, p in enumerate(packed)]
         if ctx.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_network(plain.base, net_spec, out_dir, h.subclass_ids)

@@ -163,9 +163,6 @@ class SpecialistTask(Task):
         plain = unwrap(model)
         packed = method.export(plain, self.delta, self.superclass)
         final = evaluate(plain, val, ctx.device, self.optim, len(members))  # the exported delta's accuracy
-        nbytes = len(packed.to_bytes())
-        nnz = sum(int(e["nnz"]) for e in packed.meta["layers"].values())
-        total = sum(int(torch.tensor(e["shape"]).prod()) for e in packed.meta["layers"].values())
         result = {
             "name": self.name,
             "superclass": self.superclass,
@@ -173,9 +170,7 @@ class SpecialistTask(Task):
             **summary(history, time.perf_counter() - t0),
             "val_acc": final["top1"],
             "val_acc_before_export": history[-1]["val_acc"] if history else float("nan"),
-            "delta_bytes": nbytes,
-            "delta_ratio": nbytes / state_bytes(resident),
-            "delta_density": nnz / max(1, total),
+            **delta_stats(packed, state_bytes(resident)),
         }
         if self.distill > 0:  # the teacher's forward passes: training compute beside train_images
             result["teacher_images"] = result["train_images"]
@@ -183,6 +178,15 @@ class SpecialistTask(Task):
             atomic.write_bytes(out_dir / DELTA_FILE, packed.to_bytes())
             self.write_result(result, [DELTA_FILE])
         return result
+
+
+def delta_stats(packed: PackedDelta, network_bytes: int) -> dict[str, Any]:
+    """A packed delta's stored bytes, its share of the network's, and the share of its layers'
+    entries it changes: the size fields of a specialist's result."""
+    nbytes = packed.nbytes
+    nnz = sum(int(e["nnz"]) for e in packed.meta["layers"].values())
+    total = sum(int(torch.tensor(e["shape"]).prod()) for e in packed.meta["layers"].values())
+    return {"delta_bytes": nbytes, "delta_ratio": nbytes / network_bytes, "delta_density": nnz / max(1, total)}
 
 
 def load_packed(out_dir: str | Path) -> PackedDelta:
