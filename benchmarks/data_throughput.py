@@ -1,12 +1,12 @@
-"""Training input throughput: today's PIL path against the uint8 tensor path (issue 22).
+"""Training input throughput: the PIL path against the uint8 tensor path.
 
 On full-size ImageNet JPEGs (``../shared/data/imagenet-sample-200``: 200 validation images, as
 Parquet), one training sample = encoded bytes → RandomResizedCrop(224) + flip:
 
-* ``pil`` — the path before issue 22: PIL decode (:func:`supersub.data.images.decode_image` with
+* ``pil`` — the reference: PIL decode (:func:`supersub.data.images.decode_image` with
   ``fast=False``) → ``build_transforms(224, train=True)`` (PIL crop/resize, flip, ``ToTensor``,
   ``Normalize``): a normalised float ``[3, 224, 224]``;
-* ``tensor`` — what the ``dataset`` and Ray Data loaders now run in their workers:
+* ``tensor`` — what the ``dataset`` and Ray Data loaders run in their workers:
   :func:`supersub.data.images.decode_tensor` (torchvision's JPEG decoder, PIL for the rest) →
   :class:`supersub.data.dataset.TensorTrainTransform`: uint8 ``[3, 224, 224]``, normalised later
   per batch on the training device;
@@ -53,7 +53,7 @@ def load_sample(folder: Path) -> tuple[list[bytes], list[str], str]:
 
     shards = sorted(folder.glob("*.parquet"))
     if not shards:
-        sys.exit(f"no Parquet shard in {folder} (the 200 full-size ImageNet JPEGs of issue 22)")
+        sys.exit(f"no Parquet shard in {folder} (expected full-size ImageNet JPEGs as Parquet)")
     table = pq.read_table(shards[0], columns=["image"])
     rows = table.column("image").to_pylist()
     return [r["bytes"] for r in rows], [r["path"] for r in rows], str(shards[0])

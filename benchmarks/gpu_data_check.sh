@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22's device checks in one short run (a few minutes on one H100/H200), for a session that
+# The data path's device checks in one short run (a few minutes on one H100/H200), for a session that
 # is lent a GPU: the GPU tests (nvJPEG batch decode, bf16 default), the input path with nvJPEG
 # beside the CPU paths, ResNet-50's training rate at 224 px with and without torch.compile, and
 # the imagenet_paper10 plan from the measured rates. Everything under $OUT.

@@ -1,5 +1,5 @@
 """The crash contract, checked: SIGKILL a pipeline job at six moments, rerun it into the same
-``--out``, and compare with an uninterrupted run (issue 20).
+``--out``, and compare with an uninterrupted run.
 
     python benchmarks/kill_check.py --work /tmp/kill [--runner local|ray] [key=value ...]
 

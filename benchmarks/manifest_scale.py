@@ -1,5 +1,5 @@
 """A manifest at ImageNet's size: build time, peak memory and a training task's data start-up on
-1,281,167 rows (issue 22).
+1,281,167 rows.
 
 The 200 full-size JPEGs of ``../shared/data/imagenet-sample-200`` are repeated under distinct
 URIs: an ImageNet-style folder ``train/<wnid>/<wnid>_<i>.JPEG`` of symbolic links (1,000 classes,

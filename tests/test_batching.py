@@ -123,7 +123,7 @@ def test_bad_settings_are_refused(size: int, wait: float) -> None:
 
 
 def test_coalescer_calls_at_once_when_idle_and_coalesces_per_key_under_load() -> None:
-    """(21.6) The per-stage graph's hops to the specialists: a call per key starts at once while
+    """The per-stage graph's hops to the specialists: a call per key starts at once while
     fewer than `limit` are in flight; what arrives meanwhile goes in one call; keys apart."""
     from serve.batching import Coalescer
 

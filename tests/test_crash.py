@@ -1,4 +1,4 @@
-"""Crashes and damage (issue 20): atomic outputs, verified reuse, the task lock, a full disk,
+"""Crashes and damage: atomic outputs, verified reuse, the task lock, a full disk,
 leftovers, error lines that name their cause, Ctrl-C / SIGTERM, the runner in a task's identity.
 
 In-process (the local runner) on tiny synthetic data; the Ray runner's lock and run-state

@@ -1,4 +1,4 @@
-"""Issue 20 under the Ray runner: two jobs on one folder train a task once (the driver holds the
+"""Crashes under the Ray runner: two jobs on one folder train a task once (the driver holds the
 task's lock around its Train run), and Ray's own damaged run state (an empty
 ``checkpoint_manager_snapshot.json``, as a full disk leaves it) is set aside for the task's own
 checkpoint. One tiny network task, one epoch, on the session's Ray."""

@@ -1,5 +1,5 @@
 """The JPEG fast path (torchvision's decoder + uint8 tensor transforms) against the PIL path:
-same pixels, same bad-data accounting, same augmentation statistics (issue 22)."""
+same pixels, same bad-data accounting, same augmentation statistics."""
 
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ def test_ray_data_decode_batch_takes_the_tensor_path(tmp_path: Path) -> None:
         assert out["image"].shape == (rows.size, 96, 96, 3) and out["image"].dtype == np.uint8
 
 
-# ------------------------------------------------------------------ data.decode=cuda (issue 22)
+# ------------------------------------------------------------------ data.decode=cuda
 def test_device_augmentation_runs_on_a_cpu_with_the_same_crop_statistics() -> None:
     from supersub.data.gpu import augment_batch
 

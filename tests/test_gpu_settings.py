@@ -1,4 +1,4 @@
-"""GPU training settings (issue 22): bf16 autocast and channels_last on by default where the
+"""GPU training settings: bf16 autocast and channels_last on by default where the
 device supports them, ``torch.compile`` an execution-only option that ``fit`` applies."""
 
 from __future__ import annotations

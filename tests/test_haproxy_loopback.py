@@ -58,7 +58,7 @@ def test_the_stub_runs_the_real_binary_on_a_rewritten_copy(tmp_path: Path) -> No
 
 
 def test_haproxy_answers_its_own_errors_as_json(tmp_path: Path) -> None:
-    """(21.5) Ray's text/plain 500 for 502/503 is replaced by JSON pages: a dead or missing replica
+    """Ray's text/plain 500 for 502/503 is replaced by JSON pages: a dead or missing replica
     is 503 + Retry-After, every page a complete response whose body is {"detail": one string}."""
     errors = write_error_pages(tmp_path / "errors")
     out = loopback(RAY_DEFAULTS, errors)

@@ -67,13 +67,13 @@ def test_the_readme_commands_run_as_written(tmp_path: Path) -> None:
     commands = readme_commands()
     for pattern, extra in COMMANDS:
         found = [c for c in commands if re.search(pattern, c)]
-        assert found, f"the README no longer has a command matching {pattern}"
+        assert found, f"the README has no command matching {pattern}"
         argv = runnable(found[0]) + extra
         proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{found[0]}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         if "jobs.pipeline" in found[0]:  # (a Tune search runs the same specialist once a trial)
             epochs = re.findall(r"(\w+ epoch \d+/\d+):", proc.stdout + proc.stderr)
-            assert len(epochs) == len(set(epochs)), f"an epoch line printed twice by {found[0]}"  # issue 19
+            assert len(epochs) == len(set(epochs)), f"an epoch line printed twice by {found[0]}"
         if "jobs.tune" in found[0]:
             assert (root / "runs" / "default" / "tune" / "best.yaml").is_file(), proc.stdout[-4000:]
     assert (root / "runs" / "default" / "bundle" / "manifest.json").is_file()

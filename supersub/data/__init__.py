@@ -13,14 +13,8 @@ from typing import Any
 from supersub.data.build import ManifestInfo, assign_splits, build_manifest
 from supersub.data.images import EVENTS, BadDataReport, BadImageError, Decoded, decode_image, read_rgb
 from supersub.data.manifest import Manifest, load_manifest
-from supersub.data.sources import (
-    Cifar100Source,
-    FolderSource,
-    ImageList,
-    ImageSource,
-    ParquetSource,
-    open_source,
-)
+from supersub.data.source_base import ImageList, ImageSource
+from supersub.data.sources import Cifar100Source, FolderSource, ParquetSource, open_source
 from supersub.data.store import ImageStore, open_image_store
 from supersub.data.synthetic import SyntheticSource, SyntheticSpec, render, synthetic_hierarchy
 

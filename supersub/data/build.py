@@ -34,7 +34,8 @@ from supersub.data.manifest import (
     write_manifest,
 )
 from supersub.data.parallel import Progress, default_workers, parallel_map
-from supersub.data.sources import ImageSource, open_source
+from supersub.data.source_base import ImageSource
+from supersub.data.sources import open_source
 from supersub.data.store import shared_store
 from supersub.errors import DataError
 from supersub.hierarchy.core import Hierarchy, Subclass, Superclass

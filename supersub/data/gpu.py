@@ -1,4 +1,4 @@
-"""Decoding and augmentation on the training device (``data.decode=cuda``; issue 22).
+"""Decoding and augmentation on the training device (``data.decode=cuda``).
 
 DataLoader workers only read bytes (:class:`BytesRows`): a clean JPEG travels as its encoded
 bytes, anything else (grayscale, CMYK, PNG inside .JPEG, ...) is decoded by the worker through

@@ -1,8 +1,8 @@
 """Image sources behind one interface, and the source spec parser :func:`open_source`.
 
-A source lists its images (:meth:`ImageSource.list_images`) as references (``uri``) that the
-matching image store (:mod:`supersub.data.store`) reads back, with a class id and the source's
-own split. Sources and their splits:
+A source (:class:`supersub.data.source_base.ImageSource`) lists its images as references
+(``uri``) that the matching image store (:mod:`supersub.data.store`) reads back, with a class id
+and the source's own split. Sources and their splits:
 
 ============================  ==========================================  ===================
 spec                          layout                                      manifest split
@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 
 from supersub.data.images import IMAGE_EXTENSIONS
+from supersub.data.source_base import ImageList, ImageSource
+from supersub.data.store import load_cifar100
+from supersub.data.synthetic import SyntheticSource, SyntheticSpec
 from supersub.errors import DataError
-from supersub.hierarchy.core import Hierarchy
 
 SOURCE_SPECS_HELP = (
     "synthetic[:key=value,...], cifar100:DIR, a folder of Parquet shards, a glob like DIR/*.parquet, "
@@ -43,55 +43,6 @@ SOURCE_SPECS_HELP = (
 )
 # File-name prefix (or parent folder name) of a Parquet shard → manifest split.
 _PARQUET_SPLITS = {"train": "train", "val": "test", "validation": "test", "test": "test"}
-
-
-@dataclass
-class ImageList:
-    """The images of a source, as parallel lists (one entry per image)."""
-
-    uris: list[str] = field(default_factory=list)  # references the image store resolves
-    labels: list[str] = field(default_factory=list)  # class ids (wnids, CIFAR names, s0c3)
-    splits: list[str] = field(default_factory=list)  # "train" or "test" (the source's own eval split)
-    keys: list[str] = field(default_factory=list)  # stable names (e.g. "train/n014/x.JPEG") for the split hash
-    unlabelled: int = 0  # rows skipped because they carry no label
-
-    def __len__(self) -> int:
-        return len(self.uris)
-
-    def append(self, uri: str, label: str, split: str, key: str) -> None:
-        self.uris.append(uri)
-        self.labels.append(label)
-        self.splits.append(split)
-        self.keys.append(key)
-
-
-class ImageSource:
-    """Base class: ``kind``, ``root``, :meth:`list_images`, :meth:`store_meta`, :meth:`own_hierarchy`."""
-
-    kind = "base"
-    needs_verify = True  # encoded files that can be bad (False for generated or array data)
-
-    def __init__(self, root: str | None) -> None:
-        self.root = root
-
-    def list_images(self) -> ImageList:
-        raise NotImplementedError
-
-    @property
-    def has_eval_split(self) -> bool:
-        """Whether the source has its own eval split (→ manifest ``test``)."""
-        return "test" in set(self.list_images().splits)
-
-    def store_meta(self) -> dict[str, Any]:
-        """What :func:`supersub.data.store.open_image_store` needs to read this source's URIs."""
-        return {"kind": self.kind, "root": self.root, "params": {}}
-
-    def own_hierarchy(self) -> Hierarchy | None:
-        """The source's built-in hierarchy (hierarchy spec ``synthetic``), if it has one."""
-        return None
-
-    def describe(self) -> str:
-        return f"{self.kind} source at {self.root}"
 
 
 class FolderSource(ImageSource):
@@ -232,8 +183,6 @@ class Cifar100Source(ImageSource):
         return True
 
     def list_images(self) -> ImageList:
-        from supersub.data.store import load_cifar100
-
         out = ImageList()
         for split in ("train", "test"):
             _, targets, classes = load_cifar100(self.root, split, download=self.download)
@@ -260,8 +209,6 @@ def check_source(spec: str, *, download: bool = False) -> str:
     if not spec:
         raise DataError(f"empty source spec; expected {SOURCE_SPECS_HELP}")
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from supersub.data.synthetic import SyntheticSpec  # synthetic imports this module
-
         SyntheticSpec.from_params(_parse_params(spec[len("synthetic:") :], "synthetic"))
         return spec
     if spec.startswith("cifar100:"):
@@ -292,8 +239,6 @@ def open_source(spec: str | ImageSource, *, download: bool = False, imagenet_met
         return spec
     spec = check_source(spec, download=download)
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from supersub.data.synthetic import SyntheticSource, SyntheticSpec  # synthetic imports this module
-
         return SyntheticSource(SyntheticSpec.from_params(_parse_params(spec[len("synthetic:") :], "synthetic")))
     if spec.startswith("cifar100:"):
         root = Path(spec.split(":", 1)[1])

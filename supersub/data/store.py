@@ -27,6 +27,7 @@ from PIL import Image
 
 from supersub.cache import LRU
 from supersub.data.images import Decoded, DecodedTensor, decode_image, decode_tensor, pil_to_uint8
+from supersub.data.synthetic import SyntheticSpec, render
 from supersub.errors import DataError
 
 # Per-worker memory for decoded Parquet row groups (encoded bytes, not pixels).
@@ -204,14 +205,10 @@ class SyntheticStore(ImageStore):
     kind = "synthetic"
 
     def __init__(self, params: dict[str, Any]) -> None:
-        from supersub.data.synthetic import SyntheticSpec
-
         self.spec = SyntheticSpec.from_params(params)
 
     def render(self, uris: list[str]) -> np.ndarray:
         """uint8 ``[N, size, size, 3]`` for many URIs at once (vectorised, much faster than one by one)."""
-        from supersub.data.synthetic import render
-
         try:
             idx = np.array([int(u) for u in uris], dtype=np.int64)
         except ValueError:

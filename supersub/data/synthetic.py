@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from supersub.data.sources import ImageList, ImageSource
+from supersub.data.source_base import ImageList, ImageSource
 from supersub.errors import DataError
 from supersub.hierarchy.core import Hierarchy, Subclass, Superclass
 

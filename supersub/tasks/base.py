@@ -86,14 +86,12 @@ def optim_identity(optim: Any) -> dict[str, Any]:
 
 
 def runner_identity(runner: str) -> dict[str, Any]:
-    """The runner, in a training task's identity: the local runner and Ray Train workers do not
-    compute bit for bit alike (another intra-op thread count sums floats in another order; on the
-    issue's 2-core machine the vanilla network reached 37.67 % top-1 locally against 36.00 % under
-    Ray, issue 20), so a folder continued with the other runner must not mix their weights. Only
-    a runner other than the local one enters it: the local runner is what every study runs
-    (``jobs.study``: hours of CPU or GPU, resumed across sessions by fingerprint), so its folders
-    keep their fingerprints; a Ray-trained task (the README's main job, minutes) is the one that
-    gets a new folder."""
+    """The runner's part of a training task's identity: nothing for ``local``, else its name.
+
+    The local runner and Ray Train workers do not compute bit for bit alike (another intra-op
+    thread count sums floats in another order), so a folder continued with the other runner must
+    not mix their weights. The local runner adds nothing so that its folders — every study's,
+    resumed across sessions by fingerprint — keep their fingerprints."""
     return {} if runner == "local" else {"runner": runner}
 
 
