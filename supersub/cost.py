@@ -202,3 +202,23 @@ def activation_peak_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> i
         for h in handles:
             h.remove()
     return peak[0]
+
+
+def activation_bytes(model: torch.nn.Module, image_size: int) -> int:
+    """Bytes every leaf module of ``model`` writes in one forward of one image (fp32): the
+    activation traffic a pass moves through memory, which bounds a thin network's speed on a GPU
+    where its FLOPs no longer do."""
+    total = [0]
+
+    def hook(module, args, output) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]

@@ -1,5 +1,5 @@
 """The bill before the cluster: every task a pipeline config would run, the images it reads, its
-resources, its estimated wall time and the job's GPU-hours — training nothing (issue 22).
+resources, its estimated wall time and the job's GPU-hours — training nothing.
 
 The tasks are the pipeline's own (:mod:`supersub.pipeline`'s constructors, stage by stage as
 :func:`supersub.pipeline.run_pipeline` runs them); a task's images come from its loader specs
@@ -17,10 +17,17 @@ validation set as ``test``), and the plan says so.
 Time: a task's training images at ``min(GPU rate, decode rate)`` of its workers, its validation
 images at three times the GPU rate (a forward is about a third of a training step) under the same
 decode bound; no decode bound where the in-memory ``tensors`` loader holds decoded images, or where
-the ``dataset`` loader decodes on the workers' GPUs (``data.decode=cuda``, or ``auto`` there). The rates are a file's (``--plan-throughput``) or measured here: the configured
-network's training steps on this machine's device, and the uint8 tensor decode path on a
-synthetic 500×375 JPEG (ImageNet's most common size). Stages run in turn; the tasks of a stage run
-concurrently on the cluster the config implies (the network tasks' ``num_workers × GPUs``).
+the ``dataset`` loader decodes on the workers' GPUs (``data.decode=cuda``, or ``auto`` there).
+Stages run in turn; the tasks of a stage run concurrently on the cluster the config implies (the
+network tasks' ``num_workers × GPUs``).
+
+Rates (:func:`choose_rates`): a ``--plan-throughput`` file's first. A config whose workers train
+on GPUs, planned on a machine without one, is billed at a GPU kind's published rate
+(:mod:`supersub.reference_throughput`, ``--plan-gpu``, A100 by default) and that table's decode
+rate: a CPU's training speed says nothing of a GPU's, and on a shared machine it moved 100x
+with the load. Otherwise both are measured here: the configured network's training steps on
+this machine's device (a GPU config on a GPU; a CPU config, billed in CPU-hours, on this CPU),
+and the uint8 tensor decode path on a synthetic 500×375 JPEG (ImageNet's most common size).
 """
 
 from __future__ import annotations
@@ -41,6 +48,14 @@ from supersub.config import ConfigError
 from supersub.data.loaders import LoaderSpec, select
 from supersub.hierarchy import Hierarchy
 from supersub.pipeline_config import PipelineConfig
+from supersub.reference_throughput import (
+    DEFAULT_GPU,
+    REFERENCE_DECODE_PER_CPU,
+    REFERENCE_DECODE_SOURCE,
+    check_gpu,
+    gpu_kinds,
+    reference_train_rate,
+)
 from supersub.tasks import DataOptions
 
 ILSVRC2012_TRAIN = 1_281_167  # training images, 1,000 classes
@@ -56,6 +71,8 @@ class Throughput:
     train_per_worker: float  # training images/s of one worker (one device) for the model and size
     decode_per_cpu: float  # training samples/s one CPU decodes and augments
     source: dict[str, str] = field(default_factory=dict)
+    train_from: str = "measured"  # "file", "table" (the reference GPU rates) or "measured" (here)
+    gpu: str | None = None  # the GPU kind of a table rate
 
 
 @dataclass
@@ -260,6 +277,8 @@ def load_throughput(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--plan-throughput {path}: no train_images_per_s, decode_images_per_s_per_cpu "
                           "or data_throughput.py figures in it")
     out["label"] = str(doc.get("device", path.name))
+    if "train_per_worker" in out:  # train_throughput.py run on a CPU says so
+        out["device_is_cpu"] = str(doc.get("device", "")).lower() == "cpu"
     return out
 
 
@@ -328,6 +347,66 @@ def measure_decode_rate(image_size: int, seconds: float = 1.0) -> float:
         torch.set_num_threads(threads)
 
 
+def trains_on_gpus(cfg: PipelineConfig) -> bool:
+    return cfg.resources.gpus_per_worker > 0 or cfg.resources.specialist_gpus > 0
+
+
+def gpu_here(cfg: PipelineConfig) -> bool:
+    """Whether this machine trains on a GPU as the config's workers would."""
+    import torch
+
+    return cfg.device != "cpu" and torch.cuda.is_available()
+
+
+def precision(cfg: PipelineConfig) -> str:
+    """``amp`` or ``fp32``: what the config's training computes in on a GPU (``amp=auto`` is bf16 there)."""
+    return "fp32" if cfg.train.amp == "none" else "amp"
+
+
+def _given_rates(files: list) -> tuple[dict[str, Any], str]:
+    given: dict[str, Any] = {}
+    for f in files:
+        given.update(load_throughput(f))
+    return given, ", ".join(str(f) for f in files)
+
+
+def choose_rates(cfg: PipelineConfig, files: list, num_classes: int, gpu: str | None = None) -> Throughput:
+    """The plan's rates, each from the first of: the ``--plan-throughput`` files; for a config
+    that trains on GPUs planned where there is none (or with ``gpu`` named), the reference table
+    of ``gpu`` (default :data:`~supersub.reference_throughput.DEFAULT_GPU`) — never this
+    machine's CPU, whose speed says nothing of a GPU's and moves with the load; else measured
+    here (a GPU config on a GPU, or a CPU config on this CPU)."""
+    given, names = _given_rates(files)
+    on_gpus = trains_on_gpus(cfg)
+    use_table = on_gpus and (gpu is not None or not gpu_here(cfg))
+    if on_gpus and given.get("device_is_cpu") and "train_per_worker" in given:
+        raise ConfigError(f"--plan-throughput {names}: its training rate was measured on a CPU, and the config's "
+                          "workers train on GPUs: give a GPU's rate, or leave it out for the reference table")
+    source: dict[str, str] = {}
+    if "train_per_worker" in given:
+        train, train_from, kind = given["train_per_worker"], "file", None
+        source["train"] = f"from {names} ({given['label']})"
+    elif use_table:
+        kind, train_from = check_gpu(gpu or DEFAULT_GPU), "table"
+        train, what = reference_train_rate(kind, cfg.model, cfg.data.image_size, precision(cfg), num_classes)
+        chosen = "--plan-gpu" if gpu else f"the default; --plan-gpu {{{', '.join(gpu_kinds())}}} picks another"
+        why = "" if gpu else "this machine has no GPU for the config's GPU workers, so nothing is measured here; "
+        source["train"] = f"{why}reference table, GPU {kind} ({chosen}): {what}"
+    else:
+        train, what = measure_train_rate(cfg, num_classes)
+        train_from, kind = "measured", None
+        source["train"] = f"measured here: {what}"
+    if "decode_per_cpu" in given:
+        decode = given["decode_per_cpu"]
+        source["decode"] = f"from {names}"
+    elif use_table:  # the cluster's CPUs, not this machine's
+        decode, source["decode"] = REFERENCE_DECODE_PER_CPU, REFERENCE_DECODE_SOURCE
+    else:
+        decode = measure_decode_rate(cfg.data.image_size)
+        source["decode"] = "measured here: uint8 tensor path, one CPU, a synthetic 500×375 JPEG"
+    return Throughput(train, decode, source, train_from, kind)
+
+
 # ----------------------------------------------------------------------------- the plan
 def _hierarchy_offline(cfg: PipelineConfig) -> Hierarchy:
     from supersub.hierarchy import load_hierarchy
@@ -373,38 +452,28 @@ def plan_manifest(cfg: PipelineConfig, out: Path | None, log=print) -> tuple[Any
 
 
 def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Path | list | None = None,
-              log=print) -> dict[str, Any]:
+              log=print, gpu: str | None = None) -> dict[str, Any]:
     """The plan as a dict (``tasks``, ``totals``, ``rates``, ``counts``) — see the module doc.
-    ``throughput``: one file or several (a later file's rates win)."""
+    ``throughput``: one file or several (a later file's rates win); ``gpu``: the GPU kind whose
+    reference rate a GPU config is billed at (:mod:`supersub.reference_throughput`)."""
+    if gpu is not None:  # checked before the manifest is built or counted
+        check_gpu(gpu)
+        if not trains_on_gpus(cfg):
+            raise ConfigError(f"--plan-gpu {gpu}: the config's workers take no GPU (resources.gpus_per_worker and "
+                              "resources.specialist_gpus are 0); its plan is in CPU-hours, measured here")
     manifest, counts_from = plan_manifest(cfg, out, log)
     if cfg.data.hierarchy.startswith("learned:"):
         counts_from += (f"; {cfg.data.hierarchy}: the specialists are planned on the superclasses of "
                         f"{cfg.data.learned_from} (the learned ones exist only once the vanilla network does)")
     tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")
     files = [throughput] if isinstance(throughput, (str, Path)) else list(throughput or [])
-    given: dict[str, Any] = {}
-    for f in files:
-        given.update({**load_throughput(f), "file": str(f)})
-    throughput = ", ".join(str(f) for f in files)
-    source = {}
-    if "train_per_worker" in given:
-        train_rate = given["train_per_worker"]
-        source["train"] = f"from {throughput} ({given['label']})"
-    else:
-        train_rate, what = measure_train_rate(cfg, manifest.hierarchy.num_subclasses)
-        source["train"] = f"measured here: {what}"
+    rates = choose_rates(cfg, files, manifest.hierarchy.num_subclasses, gpu)
     # The tensors loader decodes a split once per run, not per epoch: no decode bound.
     in_memory = cfg.data.loader == "tensors" or (cfg.data.loader == "auto" and cfg.data.image_size <= 64)
-    if "decode_per_cpu" in given:
-        decode_rate = given["decode_per_cpu"]
-        source["decode"] = f"from {throughput}"
-    else:
-        decode_rate = measure_decode_rate(cfg.data.image_size)
-        source["decode"] = "measured here: uint8 tensor path, one CPU, a synthetic 500×375 JPEG"
-    rates = Throughput(train_rate, decode_rate, source)
     # data.decode=cuda (or auto on GPU workers) decodes training JPEGs on the GPU: the dataset loader only.
     gpu_decode = cfg.data.loader in ("auto", "dataset") and cfg.data.decode in ("auto", "cuda")
     estimate(tasks, rates, decode_bound=not in_memory, gpu_decode=gpu_decode)
+    train_rate, decode_rate, source = rates.train_per_worker, rates.decode_per_cpu, rates.source
     workers, cpus, gpus = cfg.resources.scaling("network")
     cluster_gpus, cluster_cpus = workers * gpus, workers * cpus
     return {
@@ -412,8 +481,9 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
         "counts_from": counts_from,
         "counts": manifest.counts(),
         "rates": {"train_images_per_s_per_worker": train_rate, "decode_images_per_s_per_cpu": decode_rate,
-                  "decode_bound": not in_memory, "gpu_decode": gpu_decode, "source": source},
-        "cluster": {"gpus": cluster_gpus, "cpus": cluster_cpus},
+                  "decode_bound": not in_memory, "gpu_decode": gpu_decode, "source": source,
+                  "train_from": rates.train_from, "gpu": rates.gpu},
+        "cluster": {"gpus": cluster_gpus, "cpus": cluster_cpus, "trains_on_gpus": trains_on_gpus(cfg)},
         "tasks": [{**dataclasses.asdict(t), "gpu_hours": t.gpu_hours, "cpu_hours": t.cpu_hours} for t in tasks],
         "totals": {"train_images": sum(t.train_images for t in tasks), "val_images": sum(t.val_images for t in tasks),
                    "gpu_hours": sum(t.gpu_hours for t in tasks), "cpu_hours": sum(t.cpu_hours for t in tasks),
@@ -422,22 +492,26 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
 
 
 def format_plan(plan: dict[str, Any]) -> str:
+    r, cl = plan["rates"], plan["cluster"]
+    on_gpus = cl["trains_on_gpus"]  # a CPU config's tasks are billed in CPU-hours
+    unit = "GPU-h" if on_gpus else "CPU-h"
     rows = [f"plan of {plan['config']}: {plan['counts_from']}",
-            f"rates: {plan['rates']['train_images_per_s_per_worker']:,.1f} training images/s a worker "
-            f"({plan['rates']['source']['train']}); {plan['rates']['decode_images_per_s_per_cpu']:,.0f} decoded "
-            f"images/s a CPU ({plan['rates']['source']['decode']})"
-            + ("" if plan["rates"]["decode_bound"] else "; in-memory tensors loader: no decode bound")
-            + ("; data.decode on the GPU: no CPU decode bound on GPU workers" if plan["rates"].get("gpu_decode") else ""),
+            f"training rate: {r['train_images_per_s_per_worker']:,.1f} images/s a worker ({r['source']['train']})",
+            f"decode rate: {r['decode_images_per_s_per_cpu']:,.0f} images/s a CPU ({r['source']['decode']})"
+            + ("" if r["decode_bound"] else "; in-memory tensors loader: no decode bound")
+            + ("; data.decode on the GPU: no CPU decode bound on GPU workers" if r.get("gpu_decode") else ""),
             "",
-            f"{'stage':<28}{'task':<20}{'train images':>14}{'val images':>12}{'resources':>24}{'hours':>9}{'GPU-h':>9}"]
+            f"{'stage':<28}{'task':<20}{'train images':>14}{'val images':>12}{'resources':>24}{'hours':>9}{unit:>9}"]
     for t in plan["tasks"]:
         res = f"{t['workers']} × ({t['cpus']:g} CPU, {t['gpus']:g} GPU)"
+        billed = t["gpu_hours"] if on_gpus else t["cpu_hours"]
         rows.append(f"{t['stage'][:27]:<28}{t['name'][:19]:<20}{t['train_images']:>14,}{t['val_images']:>12,}"
-                    f"{res:>24}{t['hours']:>9.2f}{t['gpu_hours']:>9.2f}")
-    tot, cl = plan["totals"], plan["cluster"]
+                    f"{res:>24}{t['hours']:>9.2f}{billed:>9.2f}")
+    tot = plan["totals"]
+    billed = (f"{tot['gpu_hours']:,.1f} GPU-hours, {tot['cpu_hours']:,.1f} CPU-hours" if on_gpus
+              else f"{tot['cpu_hours']:,.1f} CPU-hours (no GPUs in this config)")
     rows += ["",
-             f"total: {tot['train_images']:,} training + {tot['val_images']:,} validation images, "
-             f"{tot['gpu_hours']:,.1f} GPU-hours, {tot['cpu_hours']:,.1f} CPU-hours; "
+             f"total: {tot['train_images']:,} training + {tot['val_images']:,} validation images, {billed}; "
              f"about {tot['wall_hours']:,.1f} h of wall time on {cl['gpus']:g} GPUs / {cl['cpus']:g} CPUs "
              "(stages in turn, a stage's tasks side by side; evaluation and start-up not included)"]
     return "\n".join(rows)
