@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "time and the job's GPU-hours, and train nothing (--out optional: a manifest built there is reused)")
     p.add_argument("--plan-throughput", metavar="JSON", action="append", help="--plan's rates: {train_images_per_s, "
                    "decode_images_per_s_per_cpu}, or benchmarks/data_throughput.py's or train_throughput.py's JSON; "
-                   "may be repeated (default: measured here)")
+                   "may be repeated (default: measured here, or for GPU workers planned without a GPU the reference "
+                   "table's, see --plan-gpu)")
+    p.add_argument("--plan-gpu", metavar="KIND", help="--plan: bill the config's GPU workers at this GPU kind's "
+                   "published training rate (supersub/reference_throughput.py: A100, H100, V100); default: measured "
+                   "on this machine's GPU, or A100 where it has none")
     p.add_argument("--plan-json", metavar="FILE", help="--plan: also write the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. delta.bits=4")
     return p
@@ -161,11 +165,13 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dic
     started = init_ray(log, verbose=verbose) if cfg.resources.runner == "ray" else False
     reclaim_signals()  # ray.init replaced the SIGTERM handler
     try:
-        tracker = make_tracker(cfg, out)
-        runner = make_runner(cfg, out, tracker, log)
+        # The runner first: a cluster that cannot run the job (a storage path some node cannot
+        # see) is refused before a tracker run opens.
+        runner = make_runner(cfg, out, NullTracker(), log)
+        runner.tracker = tracker = make_tracker(cfg, out)
         with tracker if hasattr(tracker, "__enter__") else contextlib.nullcontext():
             if hasattr(tracker, "run_id"):
-                log(f"mlflow: run {tracker.run_id} in {tracker.tracking_uri} (experiment {cfg.tracking.experiment!r})")
+                log(tracker.where())
             try:
                 return run_pipeline(cfg, out, runner, tracker, log)
             except KeyboardInterrupt:  # SIGINT / SIGTERM (jobs.interrupt)
@@ -190,7 +196,7 @@ def plan(args: argparse.Namespace) -> int:
     try:
         cfg = load(args)
         result = make_plan(cfg, Path(args.out).absolute() if args.out else None, args.plan_throughput,
-                           log=lambda s: print(s, flush=True))
+                           log=lambda s: print(s, flush=True), gpu=args.plan_gpu)
     except UserError as e:
         return fail(e, "jobs.pipeline")
     print(format_plan(result), flush=True)
@@ -206,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plan:
         return plan(args)
+    if args.plan_gpu or args.plan_throughput or args.plan_json:
+        return fail(ConfigError("--plan-gpu, --plan-throughput and --plan-json need --plan"), "jobs.pipeline")
     if not args.out:
         return fail(ConfigError("--out is required"), "jobs.pipeline")
     try:

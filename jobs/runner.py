@@ -11,11 +11,13 @@ inside a :class:`supersub.tasks.TaskContext`.
   restores its checkpoint list from ``storage_path/<name>`` — a rerun, a driver-level retry and
   a restarted worker group (``FailureConfig``) all continue from the last epoch.
 * Progress: each worker prints its epoch lines, which reach the driver's console through Ray's
-  own log forwarding; the tracker (MLflow) gets each epoch from rank 0 as it ends.
+  own log forwarding. Tracking happens in the driver only (:mod:`jobs.epoch_relay`): rank 0's
+  reports come back to it, and it logs them live to the task's one run — the same run across
+  retries and restarts on other nodes, ended FINISHED, FAILED with the reason, or reused.
 * Failures: a task that fails after Train's own restarts is retried by the driver (same name,
   so from its checkpoint); the others are not touched. Tasks still failing are reported
   together at the end (:class:`supersub.runner.TaskFailed`), after the rest have finished.
-* Crashes (issue 20): the driver holds the task's lock (:func:`supersub.runner.task_lock`) around
+* Crashes: the driver holds the task's lock (:func:`supersub.runner.task_lock`) around
   its Train run, so a second job on the folder waits and reuses; Ray's run state that cannot be
   read is removed with a line and the task resumes from its own checkpoint; :meth:`RayRunner.stop`
   (SIGINT/SIGTERM) lets no run start after it.
@@ -39,9 +41,13 @@ from typing import Any
 
 import ray
 import ray.train
+from ray._raylet import RAY_NODE_ID_KEY
 from ray.train.torch import TorchTrainer
 
+from jobs.epoch_relay import EpochPump
+from jobs.visibility import alive_nodes, blind_nodes, node_label
 from supersub import atomic
+from supersub.config import ConfigError
 from supersub.runner import (
     Interrupted,
     NullTracker,
@@ -92,13 +98,36 @@ class RayRunner:
         self.epoch_hook = epoch_hook
         self._stop = threading.Event()
         self._log_lock = threading.Lock()
-        nodes = [n for n in ray.nodes() if n["Alive"]]
+        self._pump: EpochPump | None = None
+        nodes = alive_nodes()
         # With several nodes a worker may not see the driver's folders: inputs travel through the
         # object store and outputs come back as the final checkpoint (train_loop).
         self.multi_node = len(nodes) > 1
-        if self.multi_node and "://" not in self.storage:
-            self.log(f"warning: {len(nodes)} nodes but storage_path {self.storage} is a local path; "
-                     "use shared storage (NFS, s3://, gs://) so that every node's checkpoints reach the driver")
+        self.placement = self._check_visibility(nodes) if self.multi_node else None
+
+    def _check_visibility(self, nodes: list[dict]) -> dict[str, str] | None:
+        """Every node must see the storage path (Train persists checkpoints there and the driver
+        reads them back): refused, or with ``resources.unshared_paths=pin`` training is kept to
+        the nodes that see it (returned as the workers' label selector). ``--out`` is only the
+        driver's to write, so a node that cannot see it gets a warning (its bundle cannot be
+        served from that path there)."""
+        blind = blind_nodes([self.storage, str(self.out)], nodes)
+        unseen = blind.get(str(self.out)) or []
+        if unseen:
+            self.log(f"warning: --out {self.out} is not visible on node(s) {', '.join(map(node_label, unseen))}: "
+                     "tasks come back through Ray's checkpoints, but a replica there cannot read its bundle "
+                     "(python -m serve ships it; or put --out on a folder every node mounts)")
+        cut = blind.get(self.storage) or []
+        if not cut:
+            return None
+        where = f"storage_path {self.storage} is not visible on node(s) {', '.join(map(node_label, cut))}"
+        if self.res.unshared_paths == "refuse":
+            raise ConfigError(f"{where}: Ray Train's checkpoints written there never reach this driver; use a "
+                              "folder every node mounts, s3:// or gs://, or resources.unshared_paths=pin to train "
+                              "only on the nodes that see it")
+        keep = [n for n in nodes if n not in cut]
+        self.log(f"{where}: training only on the {len(keep)} node(s) that see it (resources.unshared_paths=pin)")
+        return {RAY_NODE_ID_KEY: f"in({','.join(n['NodeID'] for n in keep)})"}
 
     # ------------------------------------------------------------------ Runner protocol
     def run(self, tasks: list[Task], resources: Any = None) -> list[dict[str, Any]]:
@@ -167,23 +196,37 @@ class RayRunner:
         return results, errors
 
     def _run_one(self, task: Task, scaling, shipped) -> dict[str, Any]:
+        """The task's Train run, retried from its checkpoint; its one tracker run (in this
+        driver) gets every attempt's epochs and ends with how the last one went."""
+        logger = self.tracker.task_logger(task)
+        if logger:
+            logger.started()
         for attempt in range(self.retries + 1):
             if self._stop.is_set():
                 raise Interrupted(2)
             self._check_run_state(task)
             self._say(f"{task.name}: {'started' if attempt == 0 else f'retry {attempt}'} as Ray Train run {Path(task.out_dir).name}")
             try:
-                result = self._fit(task, scaling, shipped)
-                self._say(f"{task.name}: done")
-                return result
+                result, reused_from = self._fit(task, scaling, shipped, logger)
             except Exception as e:
                 if self._stop.is_set():  # the job was stopped under it: the job marks its runs KILLED
                     raise Interrupted(2) from e
                 reason = error_line(e, task.out_dir)
-                self.tracker.task_failed(task, reason)
                 if attempt == self.retries:
+                    if logger:
+                        logger.failed(reason)
                     raise
+                if logger:
+                    logger.retrying(attempt + 1, reason)
                 self._say(f"{task.name}: run failed ({reason}); retrying from its checkpoint")
+                continue
+            if reused_from:
+                self._say(f"{task.name}: reused from {reused_from} (a finished run of the same task in the storage path)")
+            else:
+                self._say(f"{task.name}: done")
+            if logger:
+                logger.finished(result, reused_from=reused_from)
+            return result
         raise AssertionError
 
     def _check_run_state(self, task: Task) -> None:
@@ -206,7 +249,9 @@ class RayRunner:
             shutil.rmtree(state, ignore_errors=True)
             return
 
-    def _fit(self, task: Task, scaling, shipped) -> dict[str, Any]:
+    def _fit(self, task: Task, scaling, shipped, logger) -> tuple[dict[str, Any], str | None]:
+        """The task's result, and the folder of the earlier job whose finished run it restored
+        (same name in a shared storage path), if it did."""
         from jobs.console import train_logging
 
         workers, cpus, gpus = scaling
@@ -214,7 +259,6 @@ class RayRunner:
         name = Path(task.out_dir).name  # <task name>-<fingerprint>: stable across reruns
         config = {
             "task": task.to_dict(),
-            "logger": self.tracker.task_logger(task),
             "epoch_hook": self.epoch_hook,
             "inputs": shipped,
             "scratch_outputs": self.multi_node,
@@ -224,10 +268,14 @@ class RayRunner:
             from jobs.ray_data import build_datasets
 
             datasets, config["ray_data_specs"] = build_datasets(task)
+        if self._pump is None:
+            self._pump = EpochPump(self._say)
+        callbacks = [self._pump.relay(task.out_dir, logger.epoch)] if logger else []
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources,
+                                                   label_selector=self.placement),
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=self.storage,
@@ -237,34 +285,41 @@ class RayRunner:
                                                        controller_failure_limit=self.res.max_failures),
                 logging_config=train_logging(),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
             ),
             datasets=datasets,
         )
         result = trainer.fit()
+        self._pump.flush()
+        reused_from = None
         if not task.done():
-            self._materialise(result.checkpoint, Path(task.out_dir))
+            reused_from = self._materialise(result.checkpoint, Path(task.out_dir))
             why = task.damage()
             if why is not None:
                 raise RuntimeError(f"{task.name}: {why} in {task.out_dir} after its Ray run")
         out = task.result()
         out["ray"] = {"run_name": name, "storage_path": self.storage, "node_id": out.get("node_id")}
-        return out
+        return out, reused_from
 
     @staticmethod
-    def _materialise(checkpoint, out_dir: Path) -> None:
+    def _materialise(checkpoint, out_dir: Path) -> str | None:
         """Copies the final checkpoint's files (the task's outputs) into ``out_dir``, metrics.json
-        last: a folder with metrics.json is a finished task."""
+        last: a folder with metrics.json is a finished task. Returns the folder the checkpoint's
+        task was written for when that is another one: a run restored from another job's state."""
         if checkpoint is None:
             raise RuntimeError(f"{out_dir}: the run finished without reporting its outputs")
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=out_dir))
         try:
             checkpoint.to_directory(str(tmp))
+            origin = _written_for(tmp / "metrics.json")
             files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "task.json" and _output_copy(p))
             for p in sorted(files, key=lambda p: p.name == "metrics.json"):
                 os.replace(p, out_dir / p.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        origin = os.path.normpath(origin) if origin else None  # a relative --out joined to the cwd holds ".."
+        return origin if origin and origin != os.path.normpath(out_dir) else None
 
     def _ship_inputs(self, tasks: list[Task]) -> dict[str, Any]:
         """Object refs of the folders the tasks read (manifest, resident/init/vanilla networks)."""
@@ -309,16 +364,11 @@ def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
         checkpoint.to_directory(str(resume_dir))
         if (resume_dir / "metrics.json").is_file():
             return  # finished earlier: its outputs are the latest checkpoint, which the driver reads
-    logger = config.get("logger") if rank == 0 else None
     hook = config.get("epoch_hook")
-    if logger:
-        logger.started()
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
-        if logger:
-            logger.epoch(metrics)
+        ray.train.report(metrics, checkpoint=ckpt)  # rank 0's row reaches the driver's tracker
         if hook:
             hook(task, int(metrics["epoch"]), rank)
 
@@ -332,7 +382,7 @@ def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
         report=report, log=lambda s: print(s if world == 1 else f"[rank {rank}] {s}", flush=True),
         make_loader=make_loader, resume_dir=resume_dir,
     )
-    result = run_attempt(task, ctx, logger)
+    result = run_attempt(task, ctx, None)  # the driver tracks it
     # The outputs as the last checkpoint: the driver copies them into task.out_dir when this
     # worker ran where that folder is not visible. Every rank reports (report is a barrier).
     final = {"final": 1, "val_acc": result.get("val_acc"), "epoch": len(result.get("history", []))}
@@ -340,15 +390,24 @@ def _train_loop(config: dict[str, Any], task: Task, scratch: list[str]) -> None:
         ray.train.report(final)
         return
     result_file = Path(task.out_dir) / "metrics.json"
-    if result_file.is_file():  # the node it ran on, for the record
+    if result_file.is_file():  # where it ran and for which job's folder, for the record
         doc = json.loads(result_file.read_text())
         doc["node_id"] = ray.get_runtime_context().get_node_id()
+        doc["trained_for"] = config["task"]["out_dir"]
         atomic.write_text(result_file, json.dumps(doc, indent=2))
     with tempfile.TemporaryDirectory(prefix="supersub-outputs-") as tmp:
         for p in Path(task.out_dir).iterdir():
             if p.is_file() and _output_copy(p):
                 shutil.copy2(p, tmp)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _written_for(result_file: Path) -> str | None:
+    """The folder a task's ``metrics.json`` says it was trained for (``trained_for``)."""
+    try:
+        return json.loads(result_file.read_text()).get("trained_for")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _output_copy(p: Path) -> bool:

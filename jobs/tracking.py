@@ -1,10 +1,12 @@
-"""MLflow tracking: one parent run per job, one nested run per task attempt, logged live.
+"""MLflow tracking: one parent run per job, one nested run per task, logged live by the driver.
 
-* **Live.** A task's nested run is created where the task runs (the Ray Train worker of rank 0,
-  or this process) when the task starts, gets each epoch's row as the epoch ends (``step`` =
-  epoch, the real time), and ends FINISHED with the task's final numbers — or FAILED with the
-  reason as the ``supersub.failure`` tag. An attempt whose worker died is marked FAILED by the
-  driver. So the UI shows a job while it runs, and run durations are the tasks' own.
+* **Only the driver talks to the store.** A task's nested run is created by the driver when the
+  task starts; its workers, on whatever node, report each epoch through Ray Train and the driver
+  logs the row as it arrives (:mod:`jobs.epoch_relay`; ``step`` = epoch). No worker needs the
+  store's address or credentials. Retries and restarts on another node log into the same run,
+  which ends FINISHED with the task's final numbers, or FAILED with the reason as the
+  ``supersub.failure`` tag; a task restored finished from another job's Ray state is FINISHED
+  with its recorded curve and tagged ``supersub.reused_from``.
 * **What a person reads first.** The parent run's metrics are the headline numbers under short
   names (``top1_vanilla``, ``top1_served``, ``delta_served``, ``flops_ratio_served``,
   ``bytes_in_networks``, …) and, grouped under ``models/<name>/``, every model's metrics; every
@@ -92,8 +94,8 @@ def _log(client, run_id: str, *, params=None, metrics=None, steps=(), lock=None)
 
 @dataclass
 class MlflowTaskLogger:
-    """One attempt of one task as a nested run, created where the task runs. Picklable: it
-    carries the store's URI and ids, and opens its own client on first use."""
+    """One task's nested run. Picklable (a Tune trial takes one): it carries the store's URI and
+    ids, and opens its own client on first use."""
 
     tracking_uri: str
     experiment_id: str
@@ -124,18 +126,41 @@ class MlflowTaskLogger:
         self._per_epoch.update(values)
         _log(self.client, self.run_id, steps=[(int(row.get("epoch", 0)), values)])
 
-    def finished(self, result: dict[str, Any]) -> None:
+    def retrying(self, attempt: int, reason: str) -> None:
+        """An attempt failed and the task runs again, into this run (its epochs continue)."""
+        self.client.set_tag(self.run_id, "supersub.retries", str(attempt))
+        self.client.set_tag(self.run_id, f"supersub.retry_{attempt}_reason", reason[:5000])
+
+    def finished(self, result: dict[str, Any], reused_from: str | None = None) -> None:
+        history = result.get("history") or []
+        if not self._per_epoch and history:  # nothing came live (restored finished): its recorded curve
+            for row in history:
+                self.epoch(row)
         final = numeric(dotted_keys({k: v for k, v in result.items() if k != "history"}))
         # A final number named like a per-epoch one (val_acc of the exported delta, mean images/s)
         # gets a prefix: under the same key it would read as one more point of the epoch curve.
         final = {(f"final_{k}" if k in self._per_epoch else k): v for k, v in final.items()}
         _log(self.client, self.run_id, metrics=final)
+        if reused_from:
+            self.client.set_tag(self.run_id, "supersub.reused_from", reused_from)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def failed(self, reason: str) -> None:
         if self.run_id:
             self.client.set_tag(self.run_id, "supersub.failure", reason[:5000])
             self.client.set_terminated(self.run_id, "FAILED")
+
+
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """The page a person opens to see the experiment's runs: the server's runs table (an
+    experiment's own page may open on MLflow 3's GenAI overview), or for a SQLite store the
+    ``mlflow ui`` command that serves it and the same page there."""
+    page = f"#/experiments/{experiment_id}/runs"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    if tracking_uri.startswith("sqlite:"):
+        return f"`mlflow ui --backend-store-uri {tracking_uri}`, then http://127.0.0.1:5000/{page}"
+    return page
 
 
 class MlflowTracker:
@@ -164,6 +189,17 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         _log(self.client, self.run_id, params=dotted_keys(to_dict(cfg), lists=True), lock=self._lock)
 
+    def where(self) -> str:
+        """The job's first tracking line: the run, the store, and the page to open."""
+        line = (f"mlflow: run {self.run_id} in {self.tracking_uri} (experiment {self.cfg.tracking.experiment!r}); "
+                f"runs: {runs_page(self.tracking_uri, self.experiment_id)}")
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not self.tracking_uri.startswith(("http://", "https://")):
+            # A submitted job sees only the environment its runtime env gives it.
+            line += ("\nmlflow: this job tracks on the head node's disk; to track on a server, submit with "
+                     "--runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://...\"}}' "
+                     "or tracking.tracking_uri=http://...")
+        return line
+
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> MlflowTracker:
         return self
@@ -191,14 +227,6 @@ class MlflowTracker:
         tags = {"supersub.task": task.name, "supersub.kind": task.kind, "supersub.fingerprint": task.fingerprint(),
                 "supersub.task_dir": task.out_dir}
         return MlflowTaskLogger(self.tracking_uri, self.experiment_id, self.run_id, task.name, params, tags)
-
-    def task_failed(self, task, reason: str) -> None:
-        """Marks the attempts of ``task`` still RUNNING under this job as FAILED (a dead worker)."""
-        query = (f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`supersub.fingerprint` = '{task.fingerprint()}' "
-                 "and attributes.status = 'RUNNING'")
-        for run in self.client.search_runs([self.experiment_id], filter_string=query):
-            self.client.set_tag(run.info.run_id, "supersub.failure", reason[:5000])
-            self.client.set_terminated(run.info.run_id, "FAILED")
 
     def summary(self, metrics: dict[str, Any], artifacts: list[Path]) -> None:
         """The parent run's headline metrics, per-model metrics, routings as tags, the dataset,

@@ -194,29 +194,22 @@ def trial_loop(config: dict[str, Any]) -> None:
     ray.train.report({"final": 1, **{k: result[k] for k in ("val_acc", "delta_bytes", "delta_ratio", "delta_density")}})
 
 
-def _mean_report_callback(logger):
+def _mean_report_callback():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class MeanReport(TuneReportCallback):
-        """Hands Tune (and the trial's MLflow run, as each epoch ends) the mean of every numeric
-        metric over the workers (the superclasses); keeps the last report's mean (the exported
-        deltas) as ``final``."""
-
-        final: dict = {}
+        """Hands Tune the mean of every numeric metric over the workers (the superclasses); the
+        driver's :func:`trial_runs` logs each to the trial's MLflow run."""
 
         def after_report(self, run_context, metrics, checkpoint):
             keys = [k for k, v in metrics[0].items() if isinstance(v, (int, float))]
             mean = {k: sum(float(m[k]) for m in metrics) / len(metrics) for k in keys}
-            if "final" in mean:
-                self.final = mean
-            elif logger:
-                logger.epoch(mean)
             super().after_report(run_context, [mean], checkpoint)
 
     return MeanReport()
 
 
-def trial_fn(config: dict[str, Any], logger=None) -> None:
+def trial_fn(config: dict[str, Any]) -> None:
     """A Tune trial: builds and fits its own TorchTrainer (Train V2 + Tune)."""
     import ray.train
     import ray.tune
@@ -228,12 +221,8 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
     tasks = [apply_params(t, config["params"]) for t in config["tasks"]]
     for t in tasks:
         t["out_dir"] = str(Path(config["trials_dir"]) / trial_id / f"{t['superclass']:03d}")
-    if logger:
-        logger.name = f"trial {trial_id}"
-        logger.params = {**logger.params, **config["params"]}
-        logger.started()
     res = config["resources"]
-    callback = _mean_report_callback(logger)
+    callback = _mean_report_callback()
     trainer = TorchTrainer(
         trial_loop,
         train_loop_config={"tasks": tasks},
@@ -250,12 +239,7 @@ def trial_fn(config: dict[str, Any], logger=None) -> None:
             logging_config=train_logging(),
         ),
     )
-    # A failure is not marked here: when the job is stopped, Tune kills the trial's Train run and
-    # fit() raises here *after* the job has ended its runs KILLED (a late FAILED would overwrite
-    # it); the job ends every trial's run from Tune's results instead (_end_trial_runs).
     trainer.fit()
-    if logger:
-        logger.finished(callback.final)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -275,6 +259,47 @@ def _error_line(error) -> str:
     i = hits[-1]
     line = lines[i] + (" " + lines[i + 1] if lines[i].endswith(":") and i + 1 < len(lines) else "")
     return line[:300]
+
+
+def trial_runs(tracker):
+    """A Tune callback on the driver: each trial's nested MLflow run, opened when it starts, an
+    epoch row per result, its final numbers (the exported deltas' report) when it completes.
+    Trials run on any node; only this driver talks to the tracking store. Failed, stopped and
+    killed trials' runs are ended from Tune's results at the end (:func:`_end_trial_runs`): a
+    trial killed by the job's stop must read KILLED, not a FAILED written as it died."""
+    from ray.tune import Callback
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    from jobs.tracking import MlflowTaskLogger
+
+    class TrialRuns(Callback):
+        def __init__(self) -> None:
+            self.loggers: dict[str, MlflowTaskLogger] = {}
+            self.final: dict[str, dict[str, Any]] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            logger = MlflowTaskLogger(tracker.tracking_uri, tracker.experiment_id, tracker.run_id,
+                                      f"trial {trial.trial_id}", dict(trial.config.get("params", {})),
+                                      {"supersub.kind": "tune_trial"})
+            logger.started()
+            self.loggers[trial.trial_id] = logger
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            logger = self.loggers.get(trial.trial_id)
+            row = {k: v for k, v in result.items() if k not in AUTO_RESULT_KEYS and isinstance(v, (int, float))}
+            if logger is None or not row:
+                return
+            if "final" in row:
+                self.final[trial.trial_id] = row
+            else:
+                logger.epoch(row)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            logger = self.loggers.pop(trial.trial_id, None)
+            if logger is not None and trial.trial_id in self.final:
+                logger.finished(self.final.pop(trial.trial_id))
+
+    return TrialRuns()
 
 
 def trial_watch(log, stall_s: float, status_every_s: float = STATUS_EVERY_S, signals: Signals | None = None):
@@ -418,19 +443,13 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
         _check_state_api(log)
         epochs = cfg.specialist.optim.epochs
         sched = spec.get("scheduler") or {}
-        log(f"tune: {spec.get('num_samples', 8)} trials over {sorted(space)} for superclasses "
+        log(f"tune: {_total_trials(spec)} trials over {sorted(space)} for superclasses "
             f"{[t.superclass for t in tasks]}, {concurrent} at a time, ASHA on val_acc over {epochs} epochs")
-        logger = None
-        if hasattr(tracker, "run_id"):  # one nested run per trial, opened when the trial starts
-            from jobs.tracking import MlflowTaskLogger
-
-            logger = MlflowTaskLogger(tracker.tracking_uri, tracker.experiment_id, tracker.run_id, "trial", {},
-                                      {"supersub.kind": "tune_trial"})
         watch = trial_watch(log, float(spec.get("stall_timeout_s", STALL_TIMEOUT_S)), signals=signals)
         tuner = tune.Tuner(
             # The trial function only builds and fits a trainer, whose workers hold the resources.
             # Tune refuses an empty request; a CPU token would leave too little for the workers.
-            tune.with_resources(tune.with_parameters(trial_fn, logger=logger), {"cpu": 0, "memory": 1}),
+            tune.with_resources(trial_fn, {"cpu": 0, "memory": 1}),
             param_space={
                 "params": space,
                 "tasks": [t.to_dict() for t in tasks],
@@ -450,7 +469,8 @@ def run_tune(cfg: PipelineConfig, space_file: Path, out: Path, base: Path, super
                                         reduction_factor=float(sched.get("reduction_factor", 2))),
             ),
             # Tune's status table only with --verbose (TrialWatch prints a line a minute instead).
-            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir / "ray"), callbacks=[watch],
+            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir / "ray"),
+                                      callbacks=[watch] + ([trial_runs(tracker)] if hasattr(tracker, "run_id") else []),
                                       verbose=2 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )

@@ -174,6 +174,9 @@ class ResourcesConfig:
     specialist_gpus: float = field(0.0, help="GPUs per specialist worker (fractions allowed: several share a GPU)")
     max_failures: int = field(2, help="restarts of a failed training run (from its last checkpoint)")
     storage_path: str | None = field(None, help="Ray Train storage (local path or s3://, gs://); default: OUT/ray")
+    unshared_paths: Literal["refuse", "pin"] = field(
+        "refuse", help="on a cluster, a storage_path some node cannot see: refuse to start, or pin training to the "
+        "nodes that see it")
 
     def __post_init__(self) -> None:
         for name in ("cpus_per_worker", "gpus_per_worker", "specialist_cpus", "specialist_gpus"):

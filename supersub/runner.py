@@ -111,23 +111,23 @@ def error_line(e: BaseException, where: str | Path | None = None) -> str:
 
 
 class TaskLogger(Protocol):
-    """What a tracker records about one attempt of one task, called where the task runs."""
+    """What a tracker records about one task, called by the job's own process (never a worker):
+    one run per task, however many attempts it takes."""
 
     def started(self) -> None: ...
 
     def epoch(self, row: dict[str, Any]) -> None: ...
 
-    def finished(self, result: dict[str, Any]) -> None: ...
+    def retrying(self, attempt: int, reason: str) -> None: ...
+
+    def finished(self, result: dict[str, Any], reused_from: str | None = None) -> None: ...
 
     def failed(self, reason: str) -> None: ...
 
 
 class Tracker(Protocol):
     def task_logger(self, task: Task) -> TaskLogger | None:
-        """A logger for one attempt of ``task`` (picklable: a Ray worker calls it)."""
-
-    def task_failed(self, task: Task, reason: str) -> None:
-        """The task's attempt died where its own logger could not say so."""
+        """The logger of ``task``'s run."""
 
     def summary(self, metrics: dict[str, Any], artifacts: list[Any]) -> None: ...
 
@@ -135,9 +135,6 @@ class Tracker(Protocol):
 class NullTracker:
     def task_logger(self, task: Task) -> None:
         return None
-
-    def task_failed(self, task: Task, reason: str) -> None:
-        pass
 
     def summary(self, metrics: dict[str, Any], artifacts: list[Any]) -> None:
         pass
@@ -260,7 +257,7 @@ def begin(task: Task) -> None:
 
 
 def run_attempt(task: Task, ctx: TaskContext, logger: TaskLogger | None) -> dict[str, Any]:
-    """One attempt of ``task`` in ``ctx``, its logger told how it went (where the task runs)."""
+    """One attempt of ``task`` in ``ctx``, its logger (if this process tracks it) told how it went."""
     try:
         result = task.run(ctx)
     except KeyboardInterrupt:
