@@ -1,10 +1,11 @@
 """The bill before the cluster: every task a pipeline config would run, the images it reads, its
 resources, its estimated wall time and the job's GPU-hours — training nothing.
 
-The tasks are the pipeline's own (:mod:`supersub.pipeline`'s constructors, stage by stage as
-:func:`supersub.pipeline.run_pipeline` runs them); a task's images come from its loader specs
-and budget (:func:`supersub.pipeline.planned_images` for training, one pass over its ``val``
-loader per epoch for validation), so whatever task kinds the pipeline builds are planned alike.
+The tasks are the pipeline's own: the stages of :mod:`supersub.stages`, which
+:func:`supersub.pipeline.run_pipeline` runs, built with planned images where a run reads what
+earlier tasks did. A task's images come from its loader specs and budget
+(:func:`supersub.stages.planned_images` for training, one pass over its ``val`` loader per epoch
+for validation), so whatever task kinds the pipeline builds are planned alike.
 
 Images come from the manifest when there is one (``data.manifest``, or built from a reachable
 source into ``--out``, where the run will reuse it). Where the source cannot be read from the
@@ -32,7 +33,6 @@ and the uint8 tensor decode path on a synthetic 500×375 JPEG (ImageNet's most c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -56,6 +56,7 @@ from supersub.reference_throughput import (
     gpu_kinds,
     reference_train_rate,
 )
+from supersub.stages import FLOPS_MATCHED, PipelineTasks, Stage, planned_images
 from supersub.tasks import DataOptions
 
 ILSVRC2012_TRAIN = 1_281_167  # training images, 1,000 classes
@@ -124,66 +125,38 @@ class CountedSplits:
 
 
 # ----------------------------------------------------------------------------- tasks
-@contextlib.contextmanager
-def _networks_not_yet_trained():
-    """The pipeline's constructors hash the networks a task starts from (its fingerprint); a plan
-    builds tasks before any network exists and needs none of their fingerprints."""
-    from supersub import pipeline
-
-    saved = pipeline.network_hash
-    pipeline.network_hash = lambda folder: "planned"
-    try:
-        yield
-    finally:
-        pipeline.network_hash = saved
+PLANNED_FLOPS_RATIO = 2.0  # the served model's inference FLOPs an image, in networks, as hard routing costs
 
 
-def pipeline_stages(cfg: PipelineConfig, data: DataOptions, hierarchy: Hierarchy, manifest, root: Path) -> list[tuple[str, list]]:
-    """``[(stage, tasks)]`` in the order :func:`supersub.pipeline.run_pipeline` runs them, built
-    by its own constructors. ``baselines.ensemble=auto`` is planned at the members hard routing
-    pays for (the served model's FLOPs decide it after evaluation)."""
-    from supersub import pipeline as p
+class PlannedUpstream:
+    """What a plan knows of tasks before any has run (a :class:`supersub.stages.Upstream`): the
+    images it plans for them; no network exists yet to hash, so every input hash is ``planned``."""
 
-    own = cfg.generalist.kind == "own"
-    learned = cfg.data.hierarchy.startswith("learned:")
-    with _networks_not_yet_trained():
-        vanilla = p.network_task("vanilla", "fine", cfg, data, root)
-        extra: dict[str, list] = {}
-        if cfg.baselines.scaled:
-            scaled = dataclasses.replace(cfg.model, width=cfg.baselines.scaled_width, depths=cfg.baselines.scaled_depths)
-            extra["vanilla_scaled"] = [p.network_task("vanilla_scaled", "fine", cfg, data, root, model=scaled)]
-        if cfg.baselines.ensemble not in ("off", "auto"):
-            extra["ensemble"] = p.ensemble_members(cfg, data, root, int(cfg.baselines.ensemble))
-        generalist = p.network_task("generalist", "coarse", cfg, data, root) if own else None
-        base = [vanilla] + [t for ts in extra.values() for t in ts if t.out_dir != vanilla.out_dir]
-        stages: list[tuple[str, list]] = [("base networks", base + ([generalist] if generalist and not learned else []))]
-        if learned and generalist is not None:
-            stages.append(("generalist on the learned hierarchy", [generalist]))
-        b = p.BaseNetworks(data, data, hierarchy, vanilla, generalist, extra)
-        joint = cfg.generalist.kind == "trunk_router" and cfg.generalist.router_trunk == "joint"
-        router = None if joint else p.router_task(cfg, b, root)
-        if router is not None and router.trunk == "finetune":  # trained first: the specialists' resident
-            b.finetuned = router
-            stages.append(("finetuned trunk", [router]))
-        specialists = p.specialist_tasks(cfg, b, root)
-        spec_images = sum(p.planned_images(t, hierarchy, manifest) for t in specialists)
-        if joint:  # its experts replace the specialists, on their budget
-            router = p.router_task(cfg, b, root, spec_images)
-            specialists, spec_images = [], router.expert_passes
-        second: list = list(specialists)
-        if router is not None and b.finetuned is None:
-            second.append(router)
-        if cfg.baselines.delta_all:
-            second.append(p.specialist_task(cfg, None, data, root, vanilla.out_dir, vanilla.out_dir, train_images=spec_images))
-        if cfg.baselines.vanilla_long:
-            second.append(p.vanilla_long_task(cfg, b, root, spec_images,
-                                              images=lambda t: p.planned_images(t, hierarchy, manifest)))
-        stages.append(("specialists and controls", second))
-        if cfg.baselines.ensemble == "auto":
-            members = p.ensemble_members(cfg, data, root, p.ensemble_size(2.0))[1:]
-            if members:
-                stages.append(("ensemble (auto: planned for hard routing)", members))
-    return stages
+    def __init__(self, data: DataOptions, manifest) -> None:
+        self.data, self.manifest = data, manifest
+
+    def network_hash(self, folder: str) -> str:
+        return "planned"
+
+    def train_images(self, task) -> int:
+        return planned_images(task, self.manifest)
+
+    def learned_data(self, task) -> tuple[DataOptions, Any]:
+        """The learned superclasses exist only once the vanilla network does: the specialists are
+        planned on the superclasses the manifest is built with (``make_plan`` says so)."""
+        return self.data, self.manifest
+
+
+def pipeline_stages(cfg: PipelineConfig, data: DataOptions, manifest, root: Path) -> list[Stage]:
+    """The stages of :mod:`supersub.stages` that train, in the order
+    :func:`supersub.pipeline.run_pipeline` runs them (the learned hierarchy, one pass over val in
+    the driver, is not on the bill), then the FLOPs-matched controls as a served model of
+    :data:`PLANNED_FLOPS_RATIO` networks of FLOPs would have them (a run sizes them after its
+    evaluation)."""
+    tasks = PipelineTasks(cfg, root, data, manifest, PlannedUpstream(data, manifest), log=lambda _: None)
+    stages = [stage for stage in tasks.stages() if not stage.in_driver]
+    late = tasks.flops_matched(PLANNED_FLOPS_RATIO)
+    return [stage for stage in [*stages, late] if stage is not None and stage.tasks]
 
 
 def val_passes(task, manifest) -> tuple[int, int]:
@@ -209,16 +182,13 @@ def val_passes(task, manifest) -> tuple[int, int]:
 
 def plan_tasks(cfg: PipelineConfig, manifest, root: Path) -> list[PlannedTask]:
     """Every task with its images and resources (hours still 0: see :func:`estimate`)."""
-    from supersub.pipeline import planned_images
-
-    hierarchy = manifest.hierarchy
     data = DataOptions("planned", manifest.fingerprint, cfg.data.image_size)
     out = []
-    for stage, tasks in pipeline_stages(cfg, data, hierarchy, manifest, root):
-        for t in tasks:
+    for stage in pipeline_stages(cfg, data, manifest, root):
+        for t in stage.tasks:
             epochs, val = val_passes(t, manifest)
             workers, cpus, gpus = cfg.resources.scaling(t.resources)
-            out.append(PlannedTask(stage, t.name, t.kind, planned_images(t, hierarchy, manifest), epochs * val,
+            out.append(PlannedTask(stage.name, t.name, t.kind, planned_images(t, manifest), epochs * val,
                                    workers, cpus, gpus))
     return out
 
@@ -466,6 +436,9 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
         counts_from += (f"; {cfg.data.hierarchy}: the specialists are planned on the superclasses of "
                         f"{cfg.data.learned_from} (the learned ones exist only once the vanilla network does)")
     tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")
+    if any(t.stage == FLOPS_MATCHED for t in tasks):
+        counts_from += (f"; the {FLOPS_MATCHED} are planned for a served model of {PLANNED_FLOPS_RATIO:g} networks "
+                        "of FLOPs an image (hard routing), the run sizes them after its evaluation")
     files = [throughput] if isinstance(throughput, (str, Path)) else list(throughput or [])
     rates = choose_rates(cfg, files, manifest.hierarchy.num_subclasses, gpu)
     # The tensors loader decodes a split once per run, not per epoch: no decode bound.

@@ -1,10 +1,14 @@
 """The in-process pipeline (no Ray): end to end on tiny synthetic data, controls and costs, task
 fingerprints on reruns, the CLI reproducing metrics.json, retries and partial failure."""
 
+import builtins
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from supersub import pipeline
 from supersub.bundle import load_bundle
 from supersub.config import load_config
 from supersub.data import load_manifest
@@ -217,3 +221,23 @@ def test_evaluate_on_a_manifest_of_another_hierarchy_says_how_they_differ(defaul
     assert main(["evaluate", "--bundle", str(out / "bundle"), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert "another hierarchy than the bundle's" in err and "not the bundle's 'synthetic" not in err
+
+
+@pytest.mark.slow
+def test_a_run_opens_and_hashes_its_manifest_once(tmp_path, monkeypatch):
+    """The driver opens the manifest once and carries it; its sha256 is read once a process, by
+    the driver and the in-process tasks alike (tasks on workers open their own)."""
+    opened, hashed = [], []
+    load = pipeline.load_manifest
+    monkeypatch.setattr(pipeline, "load_manifest", lambda path: opened.append(path) or load(path))
+    real_open = builtins.open
+
+    def spying_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == "manifest.parquet" and "r" in mode:
+            hashed.append(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spying_open)
+    run_pipeline(tiny("train.epochs=1", "specialist.optim.epochs=1", "evaluation.latency=false",
+                      "baselines.delta_all=true", "baselines.vanilla_long=true"), tmp_path / "run", log=quiet)
+    assert len(opened) == 1 and len(hashed) == 1, (opened, hashed)

@@ -15,6 +15,7 @@ from supersub.pipeline import run_pipeline
 from supersub.pipeline_config import PipelineConfig
 from supersub.plan import format_plan, make_plan
 from supersub.reference_throughput import REFERENCE_DECODE_PER_CPU
+from supersub.runner import LocalRunner
 
 TINY = [
     "resources.runner=local",
@@ -40,23 +41,48 @@ def rates(tmp_path: Path) -> Path:
     return path
 
 
-JOINT = ["generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_trunk=joint", "baselines.delta_all=false"]
+class RecordingRunner(LocalRunner):
+    """The local runner, keeping the tasks of each call: the run's stages as it ran them."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", log=lambda _: None)
+        self.calls: list[list] = []
+
+    def run(self, tasks, resources=None):
+        self.calls.append(list(tasks))
+        return super().run(tasks, resources)
+
+
+TRUNK_ROUTER = ["generalist.kind=trunk_router", "delta.stages=[layer4]"]
+SETTINGS = {  # every generalist.kind, and for the trunk router every router_trunk
+    "vanilla": [],
+    "own": ["generalist.kind=own"],
+    "trunk_router-frozen": TRUNK_ROUTER,
+    "trunk_router-finetune": [*TRUNK_ROUTER, "generalist.router_trunk=finetune"],
+    "trunk_router-joint": [*TRUNK_ROUTER, "generalist.router_trunk=joint", "baselines.delta_all=false"],
+}
+ONE_EPOCH = ["train.epochs=1", "specialist.optim.epochs=1", "evaluation.latency=false"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], JOINT], ids=["separate", "joint"])
-def test_planned_images_are_what_a_tiny_run_trains_on(tmp_path: Path, extra: list[str]) -> None:
-    cfg = load_config(PipelineConfig, "jobs/configs/default.yaml", TINY + extra)
+@pytest.mark.parametrize("extra", list(SETTINGS.values()), ids=list(SETTINGS))
+def test_the_plan_is_the_tasks_a_tiny_run_trains(tmp_path: Path, extra: list[str]) -> None:
+    """Stage by stage, the plan's tasks are the tasks the run hands its runner: names, kinds and
+    training images."""
+    cfg = load_config(PipelineConfig, "jobs/configs/default.yaml", TINY + ONE_EPOCH + extra)
     out = tmp_path / "run"
     plan = make_plan(cfg, out, rates(tmp_path), log=lambda _: None)  # builds out/data, which the run reuses
     assert "counts from the manifest built from synthetic" in plan["counts_from"]
-    metrics = run_pipeline(cfg, out, log=lambda _: None)
-    planned = {t["name"]: t for t in plan["tasks"]}
-    trained = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in metrics["tasks"].items()}
-    assert set(planned) == set(trained)  # every task the run trained, and no other
-    for name, t in planned.items():
-        assert t["train_images"] == trained[name]["train_images"], name
-    assert {t["stage"] for t in plan["tasks"]} == {"base networks", "specialists and controls"}
+    runner = RecordingRunner()
+    run_pipeline(cfg, out, runner=runner, log=lambda _: None)
+    planned: dict[str, list] = {}
+    for t in plan["tasks"]:
+        planned.setdefault(t["stage"], []).append((t["name"], t["kind"], t["train_images"]))
+    trained = [[(t.name, t.kind, t.result()["train_images"]) for t in call] for call in runner.calls]
+    assert list(planned.values()) == trained
+    stages = ["base networks", *(["finetuned trunk"] if "generalist.router_trunk=finetune" in extra else []),
+              "specialists and controls"]
+    assert list(planned) == stages
     # No GPUs in this config: CPU-hours only, and the time follows the given rates.
     assert plan["totals"]["gpu_hours"] == 0 and plan["totals"]["cpu_hours"] > 0
     assert "vanilla_long" in format_plan(plan)

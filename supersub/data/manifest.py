@@ -10,7 +10,6 @@ holds JSON: ``format_version``, ``source`` (kind, root, params: what the image s
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from supersub.atomic import sha256_file
 from supersub.data.store import ImageStore, open_image_store
 from supersub.errors import DataError
 from supersub.hierarchy.core import Hierarchy, HierarchyError
@@ -105,12 +105,9 @@ class Manifest:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of ``manifest.parquet`` (keys caches of decoded images)."""
-        h = hashlib.sha256()
-        with open(self.path / MANIFEST_FILE, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        """sha256 of ``manifest.parquet`` (keys caches of decoded images); the file is read for it
+        once a process, however many times it is opened (:func:`supersub.atomic.sha256_file`)."""
+        return sha256_file(self.path / MANIFEST_FILE)
 
 
 class UriArray:
@@ -156,8 +153,7 @@ def write_manifest(out_dir: str | Path, columns: dict[str, Any], hierarchy: Hier
     return out
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Loads a manifest folder (or its ``manifest.parquet``) written by :func:`build_manifest`."""
+def _manifest_file(path: str | Path) -> Path:
     folder = Path(path)
     if folder.name == MANIFEST_FILE:
         folder = folder.parent
@@ -166,25 +162,54 @@ def load_manifest(path: str | Path) -> Manifest:
     file = folder / MANIFEST_FILE
     if not file.is_file():
         raise DataError(f"{folder} is not a manifest folder (no {MANIFEST_FILE}); make one with `supersub data build`")
-    try:
-        table = pq.read_table(file)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise DataError(f"{file}: not a readable Parquet file ({e})") from e
-    raw = (table.schema.metadata or {}).get(META_KEY)
+    return file
+
+
+def _parquet_error(file: Path, e: Exception) -> DataError:
+    return DataError(f"{file}: not a readable Parquet file ({e})")
+
+
+def _check_files(file: Path, schema: pa.Schema) -> tuple[dict[str, Any], Hierarchy]:
+    """The manifest's metadata and hierarchy, given its Parquet schema: what every read checks."""
+    raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise DataError(f"{file} was not written by supersub (no 'supersub' schema metadata)")
     meta = json.loads(raw)
     if meta.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise DataError(f"{file}: manifest format version {meta.get('format_version')} is not supported")
-    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    missing = [c for c in SCHEMA.names if c not in schema.names]
     if missing:
         raise DataError(f"{file}: missing column(s) {', '.join(missing)}")
+    folder = file.parent
     if not (folder / HIERARCHY_FILE).is_file():
         raise DataError(f"{folder}: {HIERARCHY_FILE} is missing next to {MANIFEST_FILE}")
     try:
         hierarchy = Hierarchy.load(folder / HIERARCHY_FILE)
     except HierarchyError as e:
         raise DataError(f"{folder / HIERARCHY_FILE}: {e}") from e
+    return meta, hierarchy
+
+
+def check_manifest(path: str | Path) -> None:
+    """Refuses a folder that is not a manifest, with one line — reading its files' footer and
+    hierarchy, not its rows (a check before a job, which then reads the rows once)."""
+    file = _manifest_file(path)
+    try:
+        schema = pq.read_schema(file)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise _parquet_error(file, e) from e
+    _check_files(file, schema)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Loads a manifest folder (or its ``manifest.parquet``) written by :func:`build_manifest`."""
+    file = _manifest_file(path)
+    try:
+        table = pq.read_table(file)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise _parquet_error(file, e) from e
+    meta, hierarchy = _check_files(file, table.schema)
+    folder = file.parent
     manifest = Manifest(folder, table.select(SCHEMA.names), hierarchy, meta)
     pa.default_memory_pool().release_unused()  # what the Parquet read left unused: ~60 MB at 1.28 M rows
     if len(manifest) and int(manifest.subclass.max()) >= hierarchy.num_subclasses:

@@ -15,12 +15,13 @@ outputs into its own folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -95,6 +96,9 @@ def runner_identity(runner: str) -> dict[str, Any]:
     return {} if runner == "local" else {"runner": runner}
 
 
+T = TypeVar("T", bound="Task")
+
+
 class Task:
     """Base of the task kinds (:data:`TASK_KINDS`); subclasses are dataclasses with ``out_dir``."""
 
@@ -115,6 +119,13 @@ class Task:
     def loader_specs(self) -> dict[str, LoaderSpec]:
         """The loaders the task asks for, by split (a Ray Data runner builds its datasets from these)."""
         return {}
+
+    @classmethod
+    def under(cls: type[T], root: str | Path, **fields: Any) -> T:
+        """The task in its own folder under ``root``, named by its fingerprint (which the folder is
+        no part of, so it is known before the folder is)."""
+        unplaced = cls(out_dir="", **fields)
+        return dataclasses.replace(unplaced, out_dir=folder_for(root, unplaced.name, unplaced.fingerprint()))
 
     # ------------------------------------------------------------------ identity on disk
     def fingerprint(self) -> str:
