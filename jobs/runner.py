@@ -76,7 +76,7 @@ class RayRunner:
     failures there); it must be picklable. :meth:`stop` (the job got SIGINT/SIGTERM): no Train
     run starts after it; the running ones end with the driver's Ray connection."""
 
-    kind = "ray"  # what a task's identity names when this runner trains it (see pipeline.network_task)
+    kind = "ray"  # what a task's identity names when this runner trains it (see stages.network_task)
 
     def __init__(
         self,

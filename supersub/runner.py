@@ -294,7 +294,7 @@ class LocalRunner:
         self.tracker = tracker or NullTracker()
         self.epoch_hook = epoch_hook  # tests inject failures here
 
-    kind = "local"  # what a task's identity names when this runner trains it (see pipeline.network_task)
+    kind = "local"  # what a task's identity names when this runner trains it (see stages.network_task)
 
     def _attempt(self, task: Task) -> dict[str, Any]:
         with task_lock(task, self.log):  # another process (a study's runs side by side) may be at it
