@@ -1,7 +1,7 @@
 """What Ray costs the training stages, measured in one run on one device.
 
-1. Throughput: the generalist stage (``supersub.stages.train_network``, target ``coarse``) in
-   plain PyTorch in this process, then the same task as a Ray Train run (``jobs.runner.RayRunner``,
+1. Throughput: the generalist stage (a ``NetworkTask`` of target ``coarse``) in
+   plain PyTorch in this process (``LocalRunner``), then the same task as a Ray Train run (``jobs.runner.RayRunner``,
    one worker holding the same CPUs/GPU), alternating for ``--rounds``. Images/s is the stage's
    own per-epoch figure (the training loop only: no Ray start-up) over epochs 2..E; the median,
    and the best epoch (the one least disturbed on a shared machine). Target: Ray/plain >= 0.95.
@@ -49,13 +49,18 @@ def main() -> None:
 
     import ray
     import torch
-    from supersub.stages import StageContext, train_network
 
     from jobs.runner import RayRunner
     from supersub.config import load_config
-    from supersub.data import load_manifest
-    from supersub.pipeline import PipelineConfig, _data_options, network_tasks, prepare_data, specialist_tasks
-    from supersub.train import pick_device
+    from supersub.pipeline import (
+        PipelineConfig,
+        data_options,
+        network_task,
+        prepare_data,
+        train_base_networks,
+    )
+    from supersub.runner import LocalRunner
+    from supersub.stages import specialist_tasks
 
     torch.set_num_threads(args.train_cpus)
     work = Path(args.out or tempfile.mkdtemp(prefix="ray-overhead-"))
@@ -70,10 +75,10 @@ def main() -> None:
         f"resources.specialist_cpus={args.specialist_cpus}",
         f"resources.specialist_gpus={1 / args.specialists if cuda else 0}", "tracking.enabled=false",
     ])
-    device = pick_device("auto")
-    print(f"device: {device}; Ray {args.cpus} CPUs; generalist {args.train_cpus} CPU(s) = torch threads "
+    plain_runner = LocalRunner("auto", log=lambda s: None)
+    print(f"device: {plain_runner.device}; Ray {args.cpus} CPUs; generalist {args.train_cpus} CPU(s) = torch threads "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; work folder {work}", flush=True)
-    data = _data_options(cfg, prepare_data(cfg, work, log=lambda s: None))
+    data = data_options(cfg, prepare_data(cfg, work, log=lambda s: None))
 
     def rates(result) -> list[float]:
         per_epoch = [row["images_per_s"] for row in result["history"]]
@@ -85,9 +90,8 @@ def main() -> None:
     runner = RayRunner(cfg.resources, work, log=lambda s: None)
     plain, on_ray = [], []
     for r in range(args.rounds):
-        task = network_tasks(cfg, data, work / f"plain{r}", True)[-1]
-        plain += rates(train_network(task, StageContext(device=device, log=lambda s: None)))
-        on_ray += rates(runner.run_networks([network_tasks(cfg, data, work / f"ray{r}", True)[-1]])[0])
+        plain += rates(plain_runner.run([network_task("generalist", "coarse", cfg, data, work / f"plain{r}")])[0])
+        on_ray += rates(runner.run([network_task("generalist", "coarse", cfg, data, work / f"ray{r}")])[0])
     med_p, med_r = statistics.median(plain), statistics.median(on_ray)
     print(f"generalist stage, plain PyTorch: median {med_p:6.0f}, best {max(plain):6.0f} images/s "
           f"(epochs 2-{args.epochs} of {args.rounds} rounds)")
@@ -96,12 +100,12 @@ def main() -> None:
           "   (target >= 0.95)", flush=True)
 
     # 2. N specialists at once, then each alone (fresh output folders: nothing is skipped)
-    h = load_manifest(data.manifest_dir).hierarchy
+    base = train_base_networks(cfg, work / "base", runner, log=lambda s: None)
 
     def specialists(folder: str, which: list[int]) -> float:
-        tasks = [t for t in specialist_tasks(cfg, data, work / "ray0", h, work / folder) if t.superclass in which]
+        tasks = [t for t in specialist_tasks(cfg, base, work / folder) if t.superclass in which]
         t0 = time.perf_counter()
-        runner.run_specialists(tasks)
+        runner.run(tasks)
         return time.perf_counter() - t0
 
     n = args.specialists
