@@ -72,11 +72,17 @@ class EpochPump:
                 self._deliver(item)
 
     def close(self) -> None:
+        """Delivers what is queued, then stops the thread and the queue."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self.flush()
+        try:
+            ray.kill(self.rows.actor)
+        except Exception:  # noqa: BLE001 - already gone with Ray
+            pass
 
     def _pump(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and ray.is_initialized():
             with self._lock:
                 try:
                     item = self.rows.get(timeout=0.5)

@@ -182,15 +182,20 @@ class RayRunner:
                 errors[task.name] = e
 
         threads = [threading.Thread(target=work, args=(t,), name=f"fit-{t.name}", daemon=True) for t in tasks]
-        for t in threads:
-            t.start()
+        # The pump lives while these runs do: a thread still waiting on Ray after the job's
+        # ray.shutdown() would bring Ray up again, or kill the process.
+        self._pump = EpochPump(self._say)
         try:
+            for t in threads:
+                t.start()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)
         except KeyboardInterrupt:
             self.stop()
             raise
+        finally:
+            self._pump.close()
         if self._stop.is_set():
             raise Interrupted(2)
         return results, errors
@@ -268,8 +273,6 @@ class RayRunner:
             from jobs.ray_data import build_datasets
 
             datasets, config["ray_data_specs"] = build_datasets(task)
-        if self._pump is None:
-            self._pump = EpochPump(self._say)
         callbacks = [self._pump.relay(task.out_dir, logger.epoch)] if logger else []
         trainer = TorchTrainer(
             train_loop,

@@ -273,13 +273,14 @@ def trial_runs(tracker):
     from jobs.tracking import MlflowTaskLogger
 
     class TrialRuns(Callback):
-        def __init__(self) -> None:
+        # Tune pickles its callbacks with the experiment's state: the store's ids, not the tracker.
+        def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+            self.parent = (tracking_uri, experiment_id, parent_run_id)
             self.loggers: dict[str, MlflowTaskLogger] = {}
             self.final: dict[str, dict[str, Any]] = {}
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
-            logger = MlflowTaskLogger(tracker.tracking_uri, tracker.experiment_id, tracker.run_id,
-                                      f"trial {trial.trial_id}", dict(trial.config.get("params", {})),
+            logger = MlflowTaskLogger(*self.parent, f"trial {trial.trial_id}", dict(trial.config.get("params", {})),
                                       {"supersub.kind": "tune_trial"})
             logger.started()
             self.loggers[trial.trial_id] = logger
@@ -299,7 +300,7 @@ def trial_runs(tracker):
             if logger is not None and trial.trial_id in self.final:
                 logger.finished(self.final.pop(trial.trial_id))
 
-    return TrialRuns()
+    return TrialRuns(tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
 
 
 def trial_watch(log, stall_s: float, status_every_s: float = STATUS_EVERY_S, signals: Signals | None = None):
