@@ -30,8 +30,8 @@ answers a real forward, else 503.
 # Query) at runtime, and Serve's class-based ingress wraps the methods where strings cannot resolve.
 import asyncio
 import math
-import os
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -46,17 +46,22 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 from serve.deployments import Generalist, Network, Specialist, TwoStage, check_device
+from serve.drain import DrainWatch
 from serve.images import BadInput, Limits, decode_all, preprocessor, request_images
 from serve.schemas import PREDICT_BODY, Health, Prediction, Predictions, Problem
 from supersub.bundle import Bundle, verify_files
 from supersub.data.dataset import eval_draft_size
 from supersub.errors import BundleError
 from supersub.hierarchy import Hierarchy
-from supersub.remote import open_bundle
+from supersub.remote import ShippedBundle, open_bundle, place, ship
 from supersub.routing import Routing
 
-
 # ------------------------------------------------------------------------------ app arguments
+# Bundles travel by value inside the deployments' arguments, which Serve's controller keeps (and
+# checkpoints) for as long as the app runs: beyond this, a shared folder (bundle_cache).
+SHIP_MAX_MIB = 64
+
+
 class AppArgs(BaseModel):
     """``serve run serve.app:app key=value ...`` / ``args:`` in config.yaml. Every value is
     checked here: a setting that cannot work is refused at start, not at the first request."""
@@ -85,9 +90,16 @@ class AppArgs(BaseModel):
                             "while it was busy, up to this many, in one forward (serve/batching.py)")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="wait this long after a batch's first request for "
                                  "more (0: an idle replica runs a request at once)")
-    drain_file: str | None = Field(None, description="while this file exists the ingress drains: /predict answers "
-                                   "503 + Retry-After, /healthz 503 with the requests still in flight (python -m "
-                                   "serve creates one on SIGTERM)")
+    bundle_cache: str | None = Field(None, description="a folder every replica node can read (a shared filesystem): "
+                                     "the bundle is placed there once (downloaded from MLflow, or copied from its "
+                                     "folder) and the replicas read it there. Without it the bundle's files travel "
+                                     f"with the deployment through Ray to every replica (no shared disk; at most "
+                                     f"{SHIP_MAX_MIB} MiB). Either way the bundle is resolved once, here: replicas never "
+                                     "open the tracking store")
+    drain: str | None = Field(None, description="the name of a drain flag (serve/drain.py) that every ingress "
+                              "replica, on every node, watches: while it is set /healthz answers 503 with the "
+                              "requests still in flight and, after its grace, /predict 503 + Retry-After (python -m "
+                              "serve creates and sets one; for serve deploy: python -m serve.drain NAME)")
 
     @field_validator("body_timeout_s", "decode_timeout_s", "batch_wait_ms")
     @classmethod
@@ -196,8 +208,8 @@ def _unavailable(reason: str) -> JSONResponse:
 class InFlight:
     """ASGI middleware counting the ``/predict`` requests of this process (one ingress replica)
     from arrival until the last byte of their answer has been handed to the server — the count a
-    draining ``/healthz`` reports. Counting in the endpoint instead ended before the answer was
-    written, so a drain could stop the service under a response still being sent (issue 21)."""
+    draining ``/healthz`` and the drain flag report. Counted in the endpoint, a request would end
+    before its answer is written, and a drain could stop the service under a response being sent."""
 
     count = 0
 
@@ -229,10 +241,11 @@ class Ingress:
     """HTTP: request parsing and validation, decoding, preprocessing, the JSON answer."""
 
     def __init__(self, model: DeploymentHandle | tuple, info: dict[str, Any], limits: Limits,
-                 drain_file: str | None = None) -> None:
+                 drain: str | None = None) -> None:
         # graph=single: (deployment, its arguments), built here and called without a hop.
         self.model = _InProcess(model[0], *model[1:]) if isinstance(model, tuple) else model
-        self.info, self.limits, self.drain_file = info, limits, drain_file
+        self.info, self.limits = info, limits
+        self.drain = DrainWatch(drain, lambda: InFlight.count) if drain else None
         h = Hierarchy.from_dict(info["hierarchy"])
         self.supers, self.subs, self.num_subclasses = h.superclasses, h.subclasses, h.num_subclasses
         self.routings: dict[str, str] = info.get("routings") or {}
@@ -258,17 +271,13 @@ class Ingress:
         return self.info["hierarchy"]
 
     def _is_draining(self) -> bool:
-        # A stat() a request (~2 µs): every replica of every graph sees the flag at once, no RPC.
-        return self.drain_file is not None and os.path.exists(self.drain_file)
+        # Read from the watcher's state: no call, no I/O on the request path.
+        return self.drain is not None and self.drain.draining
 
     def _refusing(self) -> bool:
-        """Draining, and past the drain file's modification time: ``python -m serve`` dates the
-        file a grace period ahead, so that requests already on their way when it was signalled
-        are still answered (/healthz says 503 from the start); a file made by hand refuses at once."""
-        try:
-            return self.drain_file is not None and os.stat(self.drain_file).st_mtime <= time.time()
-        except OSError:
-            return False
+        """Draining and past the flag's grace: the requests already on their way when the drain
+        began are still answered (/healthz says 503 from the start)."""
+        return self.drain is not None and self.drain.refusing()
 
     def _routing(self, request: Request) -> str | None:
         unknown = sorted(set(request.query_params) - _QUERY)
@@ -366,9 +375,22 @@ def _open(args: dict[str, Any]) -> tuple[AppArgs, Bundle]:
         raise ValueError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
     if a.device != "cpu":
         check_device(a.device)
-    bundle = open_bundle(a.bundle)
+    bundle = open_bundle(a.bundle, cache=a.bundle_cache)
     verify_files(bundle)  # every file read, hashed and parsed: a bad one fails here, not in a replica
     return a, bundle
+
+
+def replica_source(a: AppArgs, bundle: Bundle) -> str | ShippedBundle:
+    """What the replicas open: the bundle resolved here, never the reference itself — a replica
+    on another node resolving ``models:/...`` would ask its own environment's tracking store (or
+    the default one, on its own disk). A folder in ``bundle_cache``, or the files by value."""
+    if a.bundle_cache:
+        root, path = Path(a.bundle_cache).expanduser().resolve(), bundle.path.resolve()
+        return str(path if path.is_relative_to(root) else place(bundle, root))
+    try:
+        return ship(bundle, a.bundle, SHIP_MAX_MIB << 20)
+    except BundleError as e:
+        raise BundleError(f"{e}: give bundle_cache=FOLDER, a folder every node reads") from None
 
 
 def app(args: dict[str, Any]) -> Application:
@@ -379,16 +401,16 @@ def app(args: dict[str, Any]) -> Application:
     except (ValueError, BundleError) as e:
         raise ValueError(f"routing={a.routing}: {e}") from None
     info = _info("two-stage", a.bundle, bundle, routing)
-    n = a.replicas
+    n, source = a.replicas, replica_source(a, bundle)
     if a.graph == "single":
-        model = (TwoStage, a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+        model = (TwoStage, source, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     elif a.graph == "fused":
-        model = TwoStage.options(num_replicas=n).bind(a.bundle, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+        model = TwoStage.options(num_replicas=n).bind(source, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
     else:
-        specialist = Specialist.options(num_replicas=n).bind(a.bundle, a.device, a.max_deltas, a.batch_size,
+        specialist = Specialist.options(num_replicas=n).bind(source, a.device, a.max_deltas, a.batch_size,
                                                              a.batch_wait_ms)
-        model = Generalist.options(num_replicas=n).bind(specialist, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.options(num_replicas=n).bind(model, info, a.limits, a.drain_file)
+        model = Generalist.options(num_replicas=n).bind(specialist, source, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.options(num_replicas=n).bind(model, info, a.limits, a.drain)
 
 
 def vanilla_app(args: dict[str, Any]) -> Application:
@@ -399,8 +421,9 @@ def vanilla_app(args: dict[str, Any]) -> Application:
     if bundle.resident != "vanilla" and "vanilla" not in bundle.baseline_names:
         raise BundleError(f"bundle {a.bundle} has no vanilla network (resident {bundle.resident!r}, no 'vanilla' baseline)")
     info = _info("vanilla", a.bundle, bundle, None)
+    source = replica_source(a, bundle)
     if a.graph == "single":
-        model = (Network, a.bundle, a.device, a.batch_size, a.batch_wait_ms)
+        model = (Network, source, a.device, a.batch_size, a.batch_wait_ms)
     else:
-        model = Network.options(num_replicas=a.replicas).bind(a.bundle, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.options(num_replicas=a.replicas).bind(model, info, a.limits, a.drain_file)
+        model = Network.options(num_replicas=a.replicas).bind(source, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.options(num_replicas=a.replicas).bind(model, info, a.limits, a.drain)

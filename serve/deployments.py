@@ -21,6 +21,7 @@ the resident's weights in place, under its own lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -30,9 +31,10 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve.batching import Batcher, Coalescer
+from supersub.bundle import Bundle
 from supersub.delta import MaterializedDelta
 from supersub.metrics import superclass_probs
-from supersub.remote import open_bundle
+from supersub.remote import ShippedBundle, open_resolved
 from supersub.routing import Routing, assemble, combine, plan
 
 
@@ -47,6 +49,18 @@ def check_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: only cpu and cuda devices are served")
     return dev
+
+
+def open_source(source: str | ShippedBundle) -> Bundle:
+    """The bundle the app's builder resolved (serve.app.replica_source): a folder, or files by
+    value written under this node's Ray session folder (they go with Ray's other session files)."""
+    scratch = None
+    if isinstance(source, ShippedBundle):
+        with contextlib.suppress(Exception):  # not in a Ray worker (a test, a script): the temporary folder
+            import ray._private.worker as worker
+
+            scratch = f"{worker._global_node.get_session_dir_path()}/supersub-bundles"
+    return open_resolved(source, scratch)
 
 
 def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
@@ -65,10 +79,10 @@ def _groups(keys: list[int]) -> dict[int, list[int]]:
 class TwoStage:
     """The fused deployment: stage one and the routed specialists of a batch in one replica."""
 
-    def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 16, batch_size: int = 16,
+    def __init__(self, bundle: str | ShippedBundle, device: str = "cpu", max_deltas: int = 16, batch_size: int = 16,
                  batch_wait_ms: float = 0.0) -> None:
-        b = open_bundle(bundle)
-        self.predictor = b.predictor(check_device(device), cache_items=max_deltas, cache_bytes=1 << 34)
+        b = open_source(bundle)
+        self.predictor = b.predictor(check_device(device), cache_items=max_deltas, cache_bytes=0)
         self.size = b.image_size
         self.batcher = Batcher(self._batch, batch_size, batch_wait_ms)
         self._forward(torch.zeros(1, 3, self.size, self.size), [b.routing()] * 1)  # fail here, not at a request
@@ -107,9 +121,9 @@ class TwoStage:
 class Specialist:
     """The resident network + the delta of one superclass per forward; decoded deltas multiplexed."""
 
-    def __init__(self, bundle: str, device: str = "cpu", max_deltas: int = 4, batch_size: int = 16,
+    def __init__(self, bundle: str | ShippedBundle, device: str = "cpu", max_deltas: int = 4, batch_size: int = 16,
                  batch_wait_ms: float = 0.0) -> None:
-        b = open_bundle(bundle)
+        b = open_source(bundle)
         self.predictor = predictor = b.predictor(check_device(device))
         self.index = {sup.id: i for i, sup in enumerate(predictor.hierarchy.superclasses)}
 
@@ -155,9 +169,9 @@ class Specialist:
 class Generalist:
     """Stage one on the resident network, then routing, specialist fan-out and ``combine``."""
 
-    def __init__(self, specialist: DeploymentHandle, bundle: str, device: str = "cpu", batch_size: int = 16,
+    def __init__(self, specialist: DeploymentHandle, bundle: str | ShippedBundle, device: str = "cpu", batch_size: int = 16,
                  batch_wait_ms: float = 0.0) -> None:
-        b = open_bundle(bundle)
+        b = open_source(bundle)
         self.predictor = b.predictor(check_device(device))
         self.hierarchy, self.specialist, self.size = self.predictor.hierarchy, specialist, b.image_size
         self.ids = self.hierarchy.superclass_ids
@@ -208,8 +222,8 @@ class Generalist:
 class Network:
     """One network over all subclasses (the vanilla baseline), same interface as the others."""
 
-    def __init__(self, bundle: str, device: str = "cpu", batch_size: int = 16, batch_wait_ms: float = 0.0) -> None:
-        b = open_bundle(bundle)
+    def __init__(self, bundle: str | ShippedBundle, device: str = "cpu", batch_size: int = 16, batch_wait_ms: float = 0.0) -> None:
+        b = open_source(bundle)
         self.device = check_device(device)
         self.net, self.hierarchy, self.size = b.load_vanilla().to(self.device).eval(), b.hierarchy, b.image_size
         self.batcher = Batcher(self._batch, batch_size, batch_wait_ms)

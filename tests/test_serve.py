@@ -2,10 +2,12 @@
 request, a setting or a bundle can be wrong.
 
 One Serve instance on the session's Ray for the module (starting it costs ~40 s on two cores):
-the two-stage app at ``/two`` (the default single graph, with a drain file; vanilla resident, shared trunk up to layer3, soft routing
-with a threshold: every routing path runs), the per-stage graph of the same bundle at
-``/stages``, and the vanilla app at ``/vanilla`` (a generalist-resident bundle's vanilla
-network). The tests that kill replicas run last. The numbers of the issue's defects are in the
+the two-stage app at ``/two`` (the default single graph, with a drain flag; vanilla resident, shared trunk up to
+layer3, soft routing with a threshold: every routing path runs), the per-stage graph of the same bundle at
+``/stages``, and the vanilla app at ``/vanilla`` (a generalist-resident bundle's vanilla network,
+registered in MLflow and served as ``models:/...``: resolved by the builder alone).
+The tests that kill replicas run last; the `python -m serve` tests, each a launch of its own,
+after them. The numbers of the issue's defects are in the
 test names' docstrings.
 """
 
@@ -19,6 +21,7 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +43,19 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 LIMITS = {"max_body_bytes": 300_000, "max_pixels": 1_000_000, "max_request_pixels": 2_000_000, "max_batch": 4,
           "body_timeout_s": 2.0}
 TIMEOUT = 30.0
-DRAIN_FILE = str(Path(tempfile.mkdtemp(prefix="ssdrain-")) / "draining")  # /two drains while it exists
+DRAIN = f"ssdrain-{uuid.uuid4().hex[:8]}"  # the drain flag /two watches
+KEEP: list = []  # actor handles this module holds on to
+
+
+@ray.remote(num_cpus=0)
+class FlagOwner:
+    """Makes /two's drain flag, and owns it: killing it ends the flag, as a launcher's exit does."""
+
+    def make(self, name: str) -> bool:
+        from serve.drain import create
+
+        self.flag = create(name)
+        return ray.get(self.flag.busy.remote()) == (0, 0)
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -63,23 +78,60 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, bundles: dict[str, Path]) -> Iterator[str]:
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow")
+
+
+def _register(bundle: Path, root: Path, mp: pytest.MonkeyPatch) -> str:
+    """``bundle`` logged to a fresh SQLite store under ``root`` and registered under a unique
+    name; MLFLOW_TRACKING_URI set (through ``mp``) to that store. Its models:/ URI. (An explicit
+    client: mlflow.set_tracking_uri would rewrite MLFLOW_TRACKING_URI for the whole process.)"""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("SUPERSUB_CACHE", str(root / "launcher-cache"))
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    name = f"supersub-{uuid.uuid4().hex[:8]}"
+    run = client.create_run(client.create_experiment(name, artifact_location=(root / "artifacts").as_uri()))
+    client.log_artifacts(run.info.run_id, str(bundle), "bundle")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/bundle", run.info.run_id).version
+    return f"models:/{name}/{version}"
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, bundles: dict[str, Path], mlflow_store: Path) -> Iterator[str]:
     """Base URL of a Serve instance running the apps, on the session's Ray. Module-scoped: the
     replicas hold a share of the session's 2 CPUs, which the Tune tests after this module need."""
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     b = str(bundles["vanilla"])
+    from serve.drain import NAMESPACE
+
+    owner = FlagOwner.options(name=f"{DRAIN}-owner", namespace=NAMESPACE).remote()
+    assert ray.get(owner.make.remote(DRAIN), timeout=120)
     # One replica where the tests need no redundancy (each costs memory and start-up here); the
     # per-stage graph keeps the default two of each, which the replica-kill tests need.
-    serve.run(app({"bundle": b, "drain_file": DRAIN_FILE, "replicas": 1, **LIMITS}), name="two", route_prefix="/two")
+    serve.run(app({"bundle": b, "drain": DRAIN, "replicas": 1, **LIMITS}), name="two", route_prefix="/two")
     serve.run(app({"bundle": b, "graph": "stages", **LIMITS}), name="stages", route_prefix="/stages")
-    serve.run(vanilla_app({"bundle": str(bundles["generalist"]), "replicas": 1, **LIMITS}), name="vanilla",
-              route_prefix="/vanilla")
+    # /vanilla: the generalist bundle as a models:/ URI in a tracking store only this process knows
+    # (the replicas' environment, the session Ray's, names none: resolving it there would look in
+    # ~/.supersub), placed in a folder the builder names: the replicas read that folder, never the store.
+    with pytest.MonkeyPatch.context() as mp:
+        uri = _register(bundles["generalist"], mlflow_store, mp)
+        serve.run(vanilla_app({"bundle": uri, "bundle_cache": str(mlflow_store / "shared"), "replicas": 1, **LIMITS}),
+                  name="vanilla", route_prefix="/vanilla")
     # The trunk router's bundle through the per-stage graph: stage one on the trunk in the Generalist.
     serve.run(app({"bundle": str(bundles["router"]), "graph": "stages", "replicas": 1, **LIMITS}), name="router",
               route_prefix="/router")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+    with contextlib.suppress(Exception):  # killed by the drain test already
+        ray.kill(owner)
+    KEEP.clear()
 
 
 @pytest.fixture
@@ -218,11 +270,15 @@ BAD_BUNDLES = [
 
 def _launcher_env(**extra: str) -> dict[str, str]:
     """The environment of a `python -m serve` under test: a short private RAY_TMPDIR (Ray's socket
-    paths must stay under ~107 characters), token auth off, no cluster address inherited."""
+    paths must stay under ~107 characters; removed when the tests end), token auth off, no cluster
+    address inherited."""
+    import atexit
     import os
+    import shutil
 
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="sslaunch-", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
            **extra}
+    atexit.register(shutil.rmtree, env["RAY_TMPDIR"], True)
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -313,6 +369,107 @@ def test_bundle_from_mlflow_uris_with_the_jobs_default_store(bundles: dict[str, 
 
     with pytest.raises(BundleError, match="cannot resolve"):
         remote.open_bundle("runs:/0123456789abcdef0123456789abcdef/bundle")
+
+
+def test_replicas_get_the_resolved_bundle_never_its_reference(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """(3) What the replicas receive: the bundle's files by value (manifest, signature, every
+    listed file; a replica writes them to its own node), or — with bundle_cache — a folder
+    there; never the reference, which a replica elsewhere would resolve in its own environment.
+    A replica refuses a URI outright, and a bundle over the size that travels by value asks
+    for bundle_cache in one line."""
+    import serve.app as serve_app
+    from supersub.errors import BundleError
+    from supersub.remote import ShippedBundle, open_resolved
+
+    src = bundles["vanilla"]
+    a, b = serve_app._open({"bundle": str(src)})
+    shipped = serve_app.replica_source(a, b)
+    assert isinstance(shipped, ShippedBundle)
+    assert set(shipped.files) == {"manifest.json", *b.manifest["files"]}
+    assert len(repr(shipped)) < 200  # no megabytes of bytes in a log line
+    opened = open_resolved(shipped, tmp_path / "node")
+    assert opened.path == tmp_path / "node" / shipped.key and opened.manifest == b.manifest
+    assert all((opened.path / n).read_bytes() == (src / n).read_bytes() for n in shipped.files)
+    assert open_resolved(shipped, tmp_path / "node").path == opened.path  # once per node
+    a, b = serve_app._open({"bundle": str(src), "bundle_cache": str(tmp_path / "shared")})
+    placed = serve_app.replica_source(a, b)
+    assert isinstance(placed, str) and Path(placed).parent == (tmp_path / "shared" / "bundles").resolve()
+    assert load_bundle(placed).manifest == b.manifest
+    with pytest.raises(BundleError, match="must be resolved where the tracking store is known"):
+        open_resolved("models:/supersub/2")
+    small = serve_app.SHIP_MAX_MIB
+    try:
+        serve_app.SHIP_MAX_MIB = 0
+        with pytest.raises(BundleError, match="give bundle_cache=FOLDER") as e:
+            app({"bundle": str(src)})
+        assert len(str(e.value).splitlines()) == 1
+    finally:
+        serve_app.SHIP_MAX_MIB = small
+
+
+def test_haproxy_answers_503_while_no_app_is_deployed(tmp_path: Path) -> None:
+    """(4) Ray's HAProxy answers a path no app serves with a 404 — also while the app is not
+    deployed yet, or any more (a stopping service read as a wrong URL). Through serve/haproxy.sh,
+    as Ray runs it on each node: 503 + Retry-After (JSON) with no app, a JSON 404 beside one; the
+    error pages are written beside Ray's config; the real binary comes from the environment."""
+    import os
+    import subprocess
+    import sys
+
+    from serve.haproxy_loopback import STUB
+
+    ray_cfg = ("defaults\n    mode http\n    errorfile 503 /x/500.http\nfrontend http_frontend\n    bind *:8000\n"
+               "{use}    default_backend default_backend\nbackend default_backend\n    http-request return status 404 "
+               "content-type text/plain lf-string \"Path '%[path]' not found.\"\n")
+    real = tmp_path / "fake-haproxy"  # prints the config it was given
+    real.write_text('#!/bin/sh\nwhile [ "$1" != "-f" ]; do shift; done\ncat "$2"\n')
+    real.chmod(0o755)
+    env = {**os.environ, "SUPERSUB_PYTHON": sys.executable, "SUPERSUB_HAPROXY_BINARY": str(real)}
+    for use, want in (("", "status 503"), ("    use_backend app if is_app\n", "status 404")):
+        cfg = tmp_path / "node" / "haproxy.cfg"
+        cfg.parent.mkdir(exist_ok=True)
+        cfg.write_text(ray_cfg.format(use=use))
+        out = subprocess.run([str(STUB), "-db", "-f", str(cfg)], env=env, capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        rule = out.split("\nbackend default_backend\n", 1)[1].splitlines()[0].strip()
+        assert rule.startswith(f"http-request return {want} content-type application/json string '"), rule
+        assert json.loads(rule.split("string '", 1)[1].split("'", 1)[0])["detail"]
+        assert rule.endswith("hdr Retry-After 1") == (want == "status 503"), rule
+        assert f"errorfile 503 {tmp_path / 'node' / 'supersub-errors' / '503.http'}" in out
+        assert "bind 127.0.0.1:8000" in out
+
+
+def test_haproxy_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """(11) HAProxy, started through serve/haproxy.sh by a process (Serve's HAProxy manager) that
+    is then killed outright, exits with it — it used to outlive a group-killed Ray, holding the
+    HTTP, stats and metrics ports."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serve.haproxy_loopback import STUB
+
+    real = tmp_path / "fake-haproxy"  # stays up, as HAProxy does
+    real.write_text("#!/bin/sh\nexec sleep 120\n")
+    real.chmod(0o755)
+    (tmp_path / "haproxy.cfg").write_text("global\n")
+    env = {**os.environ, "SUPERSUB_PYTHON": sys.executable, "SUPERSUB_HAPROXY_BINARY": str(real)}
+    manager = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                                f"p = subprocess.Popen([{str(STUB)!r}, '-db', '-f', {str(tmp_path / 'haproxy.cfg')!r}])\n"
+                                "print(p.pid, flush=True)\ntime.sleep(120)"],
+                               env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(manager.stdout.readline())
+        assert _poll(lambda: Path(f"/proc/{pid}/cmdline").read_bytes(), lambda c: b"sleep" in c, 30)
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait(timeout=30)
+        assert not _poll(lambda: _alive(pid), lambda alive: not alive, 10), "HAProxy outlived its parent"
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------ no Serve: request parsing
@@ -447,6 +604,16 @@ def test_health_hierarchy_openapi(client: httpx.Client, bundles: dict[str, Path]
     assert "image/jpeg" in post["requestBody"]["content"]
     top_k = next(p for p in post["parameters"] if p["name"] == "top_k")
     assert top_k["schema"]["examples"] == [5] and top_k["schema"]["default"] == 5
+
+
+def test_a_models_uri_is_served_by_replicas_that_cannot_see_its_store(client: httpx.Client, mlflow_store: Path) -> None:
+    """(3) /vanilla serves models:/<name>/1 from a store only the builder's environment names,
+    placed in bundle_cache: its replicas, whose environment names no store, read the folder
+    (test_vanilla_app checks its answers against the bundle's network)."""
+    assert client.get("/vanilla/healthz").json()["bundle"].startswith("models:/")
+    r = client.post("/vanilla/predict", content=image_bytes(21), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert len(list((mlflow_store / "shared" / "bundles").iterdir())) == 1
 
 
 # ------------------------------------------------------------------------------ HTTP: bad input
@@ -630,23 +797,64 @@ def test_replica_kill_under_load(server: str, deployment: str) -> None:
     assert len(failures) <= total // 100, failures
 
 
-def test_drain_file_refuses_new_requests_with_503_and_retry_after(client: httpx.Client) -> None:
-    """(7) While the app's drain_file exists, /predict answers 503 + Retry-After (and closes the
-    connection) and /healthz 503 with the requests in flight; other apps are untouched; removing
-    the file resumes service."""
-    assert client.post("/two/predict", content=JPG, headers={"content-type": "image/jpeg"}).status_code == 200
-    Path(DRAIN_FILE).touch()
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead and not yet reaped, does not)."""
     try:
-        r = client.post("/two/predict", content=JPG, headers={"content-type": "image/jpeg"})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
-        assert "draining" in r.json()["detail"]
-        h = client.get("/two/healthz")
-        assert h.status_code == 503 and h.json()["in_flight"] == 0
-        assert client.get("/stages/healthz").status_code == 200
-    finally:
-        Path(DRAIN_FILE).unlink()
-    assert client.post("/two/predict", content=JPG, headers={"content-type": "image/jpeg"}).status_code == 200
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _poll(fn, want, timeout: float = 30.0):
+    """``fn()`` until ``want(result)``, at most ``timeout`` seconds; the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if want(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_drain_flag_refuses_new_requests_with_503_and_retry_after(client: httpx.Client) -> None:
+    """(7) While the app's drain flag (an actor, seen by every replica on every node) is set,
+    /predict answers 503 + Retry-After (and closes the connection) and /healthz 503 with the
+    requests in flight; other apps are untouched; resuming serves again. When the flag's owner
+    (the launcher) dies, the replicas drain at once: nobody is left to resume them."""
+    from serve.drain import NAMESPACE, create
+
+    def predict() -> httpx.Response:
+        return client.post("/two/predict", content=JPG, headers={"content-type": "image/jpeg"})
+
+    assert predict().status_code == 200
+    flag = ray.get_actor(DRAIN, namespace=NAMESPACE)
+    ray.get(flag.start.remote(0.0), timeout=30)
+    r = _poll(predict, lambda r: r.status_code == 503, 10)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+    assert "draining" in r.json()["detail"]
+    h = client.get("/two/healthz")
+    assert h.status_code == 503 and h.json()["in_flight"] == 0
+    assert ray.get(flag.busy.remote(), timeout=30) == (0, 0)  # the replica has reported it is idle
+    assert client.get("/stages/healthz").status_code == 200
+    ray.get(flag.resume.remote(), timeout=30)
+    assert _poll(predict, lambda r: r.status_code == 200, 10).status_code == 200
     assert client.get("/two/healthz").status_code == 200
+
+    ray.kill(ray.get_actor(f"{DRAIN}-owner", namespace=NAMESPACE))  # as a launcher's exit ends its flag
+    assert _poll(predict, lambda r: r.status_code == 503, 30).status_code == 503
+    assert client.get("/two/healthz").status_code == 503
+    KEEP.append(create(DRAIN))  # a new flag of that name (a new launcher): served again
+    assert _poll(predict, lambda r: r.status_code == 200, 30).status_code == 200
+
+    # The command for apps deployed without the launcher (serve deploy): same flag, by name.
+    import os
+    import subprocess
+    import sys
+
+    for extra, status in ((["--grace-s", "0"], 503), (["--resume"], 200)):
+        done = subprocess.run([sys.executable, "-m", "serve.drain", DRAIN, *extra], cwd=Path(__file__).parents[1],
+                              env=dict(os.environ), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _poll(predict, lambda r, want=status: r.status_code == want, 30).status_code == status
 
 
 def _listening(port: int) -> list[str]:
@@ -700,11 +908,11 @@ def _kill_one(root: int, prefix: str) -> int:
     raise AssertionError(f"no process {prefix}* under {root}")
 
 
-@pytest.mark.parametrize("graph,victim", [("single", "Ingress"), ("stages", "Specialist")])
+@pytest.mark.parametrize("graph,victim,target", [("single", "Ingress", "launcher"), ("stages", "Specialist", "group")])
 def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_path: Path, graph: str,
-                                               victim: str) -> None:
+                                               victim: str, target: str) -> None:
     """`python -m serve` as a user runs it (HAProxy ingress; the default graph, whose model lives
-    in the Ingress replicas, and the per-stage graph), one launch for three checks (each launch
+    in the Ingress replicas, and the per-stage graph), one launch for four checks (each launch
     costs a minute or two here):
 
     * (21.3) every listening socket of its whole process tree is on loopback, but those Ray's own
@@ -714,8 +922,13 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
       the requests fail, none takes more than 2 s beyond the median before the kill (it was 28.9 s
       with one replica);
     * (7, 21.4) on SIGTERM every request sent before it is answered 200 (a 1 s grace: the ones on
-      their way are not refused), then new ones 503 + Retry-After,
-      never cuts an answer mid-body, and exits 0 within seconds.
+      their way are not refused), then new ones 503 + Retry-After — from every ingress replica:
+      none answers 200 to a request sent a second after the grace —
+      never cuts an answer mid-body, and exits 0 within seconds;
+    * (11) the SIGTERM goes to the launcher, or to its whole process group (as `timeout` and a
+      service manager send it; it used to take 35 s and leave HAProxy listening): either way the
+      drain above, then no process of the launcher's left, HAProxy's included, and the HTTP,
+      stats and metrics ports free.
     """
     import os
     import signal
@@ -723,13 +936,14 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
     import subprocess
     import sys
 
-    from serve_helpers import closed_loop_load, is_loopback, listening_sockets
+    from serve_helpers import closed_loop_load, is_loopback, listening_sockets, process_tree
 
     port, stats, metrics = _free_port(), _free_port(), _free_port()
     env = _launcher_env(RAY_SERVE_HAPROXY_STATS_PORT=str(stats), RAY_SERVE_HAPROXY_METRICS_PORT=str(metrics))
     proc = subprocess.Popen([sys.executable, "-m", "serve", f"bundle={bundles['vanilla']}", "--port", str(port),
                              "batch_wait_ms=50", f"graph={graph}"], cwd=Path(__file__).parents[1], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    tree: list[int] = []
     try:
         deadline = time.monotonic() + 300
         lines = []
@@ -739,6 +953,7 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
             if line.startswith("serving ") or proc.poll() is not None:
                 break
         assert any(x.startswith("serving ") for x in lines), "".join(lines)
+        assert "ingress: HAProxy (--proxy haproxy)\n" in lines, "".join(lines)
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe from filling
 
         # --- every port on loopback but Ray's own
@@ -790,9 +1005,15 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
         for t in pool:
             t.start()
         time.sleep(1.0)
+        tree = process_tree(proc.pid)
+        haproxy = [pid for _, _, pid, name in listening_sockets(proc.pid) if _ray_kind(name) == "haproxy"]
+        assert haproxy, listening_sockets(proc.pid)
         at = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        time.sleep(2.5)  # past the 1 s grace (--drain-grace-s): some requests meet the drain
+        if target == "group":
+            os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(3.5)  # past the 1 s grace (--drain-grace-s) and a second more: requests meet the drain
         signalled.set()
         for t in pool:
             t.join(timeout=90)
@@ -809,35 +1030,179 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
                                                                         or "ValueError" in code)]
         assert not cut, cut
         assert any(code == 503 for code, _ in after), after
+        late = [(round(sent - at, 2), code) for sent, done, code, _ in drained if sent > at + 2.0 and code == 200]
+        assert not late, late  # every ingress replica refuses once the grace is over
         assert stopped < 30, stopped
-        assert _listening(port) == [] if Path("/proc/net/tcp").exists() else True
+        left = _poll(lambda: [pid for pid in tree if _alive(pid)], lambda x: not x, 15)
+        assert not left, [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid in left]
+        assert not any(_alive(pid) for pid in haproxy)
+        for p in (port, stats, metrics):
+            assert _listening(p) == [], p
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        for pid in tree:  # what a failed run left behind
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
-def test_launcher_stops_cleanly_on_an_early_sigterm(bundles: dict[str, Path], tmp_path: Path) -> None:
-    """(21.4) A SIGTERM as soon as the launcher has made its scratch folder (before Ray starts):
-    exit 0, folder removed — the handler is installed before anything it could interrupt."""
+def test_launcher_stops_cleanly_on_an_early_sigterm(bundles: dict[str, Path]) -> None:
+    """(21.4) A SIGTERM as soon as the launcher runs (its supervisor has started the launcher
+    proper, which is still importing): exit 0, and Ray never started — the signal is passed on
+    and acted on before anything it could interrupt."""
     import os
     import signal
     import subprocess
     import sys
 
-    env = _launcher_env(TMPDIR=str(tmp_path))
+    from serve_helpers import process_tree
+
+    env = _launcher_env()
     proc = subprocess.Popen([sys.executable, "-m", "serve", f"bundle={bundles['vanilla']}", "--port", str(_free_port())],
                             cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list(tmp_path.glob("supersub-serve-*")) and proc.poll() is None:
-            time.sleep(0.005)
-        assert list(tmp_path.glob("supersub-serve-*")), "the launcher made no scratch folder"
+        assert len(_poll(lambda: process_tree(proc.pid), lambda t: len(t) > 1, 60)) > 1, "no launcher started"
         os.kill(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
-        assert not list(tmp_path.glob("supersub-serve-*")), out
         assert not list(Path(env["RAY_TMPDIR"]).iterdir()), "Ray started after the SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _session(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a `ray start` in its own session: its Ray, workers and HAProxy)."""
+    import os
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(d.name)) == sid and _alive(int(d.name)):
+                    out.append(int(d.name))
+    return out
+
+
+def _stop_session(sid: int) -> None:
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        _poll(lambda: _session(sid), lambda left: not left, 20)
+
+
+@contextlib.contextmanager
+def _ray_cluster(env: dict[str, str]) -> Iterator[str]:
+    """A `ray start --head` on this host with ``env`` as its environment, in a session of its
+    own; its address. Stopped by session at the end (never `ray stop`: it stops every Ray here).
+    Started once more if its node timed out during start-up (an overloaded host)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ray_helpers import free_port
+
+    heads: list[subprocess.Popen] = []
+    temp = tempfile.mkdtemp(prefix="ssjoin-", dir="/tmp")
+    try:
+        for attempt in (1, 2):
+            gcs = free_port()
+            ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc",
+                                                                 "runtime-env-agent", "metrics-export", "ray-client-server")]
+            heads.append(subprocess.Popen(
+                [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={gcs}", f"--temp-dir={temp}",
+                 "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                 *ports], env={**env, "RAY_TMPDIR": temp}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True))
+            out, _ = heads[-1].communicate(timeout=180)
+            if heads[-1].returncode == 0 or attempt == 2 or "timed out during startup" not in out:
+                break
+            _stop_session(heads[-1].pid)
+        assert heads[-1].returncode == 0, out
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        for head in heads:
+            if head.poll() is None:
+                head.kill()
+            _stop_session(head.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_launcher_on_a_cluster_it_joins(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """(3, 4, 5) `python -m serve` joining a running cluster whose environment is not the
+    launcher's — another HOME, no tracking store, a bundle key — as a second node's would be:
+
+    * a replica failing to start is one line with its own error (here: the cluster's key asks
+      for signed bundles and this one is not), not "Failed to update the deployments";
+    * Serve's processes run HAProxy (its settings reach them through Ray), and the console says so;
+    * bundle=models:/... in a store only the launcher's environment names is served: resolved
+      once by the launcher, the files shipped to the replicas;
+    * on SIGTERM it drains and exits 0, the cluster left running; with no app deployed any more,
+      the cluster's HAProxy answers 503 + Retry-After, not 404.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    key = "cluster-key"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPERSUB_BUNDLE_KEY", key)
+        signed = make_tiny_bundle(tmp_path / "signed", resident="vanilla", seed=3)
+        uri = _register(signed, tmp_path / "store", mp)
+        store = os.environ["MLFLOW_TRACKING_URI"]
+    cluster_env = {**os.environ, "HOME": str(tmp_path / "cluster-home"), "RAY_AUTH_MODE": "disabled",
+                   "SUPERSUB_BUNDLE_KEY": key}
+    for name in [k for k in cluster_env if k.startswith(("RAY_SERVE_", "MLFLOW_", "SUPERSUB_CACHE"))] + ["RAY_ADDRESS"]:
+        cluster_env.pop(name, None)
+    port, stats, metrics = _free_port(), _free_port(), _free_port()
+
+    def launch(bundle: str, address: str, **extra: str) -> subprocess.Popen:
+        env = {**_launcher_env(RAY_SERVE_HAPROXY_STATS_PORT=str(stats), RAY_SERVE_HAPROXY_METRICS_PORT=str(metrics),
+                               **extra), "RAY_ADDRESS": address}
+        return subprocess.Popen([sys.executable, "-m", "serve", f"bundle={bundle}", "--port", str(port), "replicas=1"],
+                                cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    with _ray_cluster(cluster_env) as address:
+        failing = launch(str(bundles["vanilla"]), address)
+        try:
+            out, _ = failing.communicate(timeout=600)
+        finally:
+            if failing.poll() is None:
+                os.killpg(os.getpgid(failing.pid), signal.SIGKILL)
+        errors = [x for x in out.splitlines() if x.startswith("python -m serve: error:")]
+        assert failing.returncode == 1 and len(errors) == 1, out
+        assert "is not signed, and SUPERSUB_BUNDLE_KEY asks for signed bundles" in errors[0], out
+        assert "Traceback" not in out, out
+
+        proc = launch(uri, address, MLFLOW_TRACKING_URI=store, SUPERSUB_BUNDLE_KEY=key)
+        try:
+            lines: list[str] = []
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not any(x.startswith("serving ") for x in lines):
+                line = proc.stdout.readline()
+                if not line and proc.poll() is not None:
+                    break
+                lines.append(line)
+            assert any(x.startswith("serving ") for x in lines), "".join(lines)
+            assert any(x.startswith("ingress: HAProxy (") for x in lines), "".join(lines)
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            assert [q for q in (stats, metrics) if _listening(q) == ["127.0.0.1"]] == [stats, metrics]
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                r = c.post("/predict", content=JPG, headers={"content-type": "image/jpeg"})
+                assert r.status_code == 200, r.text
+                os.kill(proc.pid, signal.SIGTERM)
+                assert proc.wait(timeout=120) == 0
+                gone = c.post("/predict", content=JPG, headers={"content-type": "image/jpeg"})
+                assert gone.status_code == 503 and gone.headers.get("retry-after") == "1", gone.text
+                assert isinstance(gone.json()["detail"], str)
+        finally:
+            if proc.poll() is None:
+                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
