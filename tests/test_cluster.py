@@ -12,6 +12,7 @@ two specialists can only run at the same time on both nodes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -20,7 +21,18 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import Cluster, free_port, http_get, tail, two_node_cluster, wait_for, why_no_namespaces
+from cluster_helpers import (
+    Cluster,
+    free_port,
+    http_get,
+    pids_in_group,
+    pids_in_namespace,
+    running,
+    tail,
+    two_node_cluster,
+    wait_for,
+    why_no_namespaces,
+)
 from ray_helpers import REPO, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow, pytest.mark.serve]
@@ -333,3 +345,128 @@ def test_a_storage_path_the_worker_cannot_see_is_refused_naming_the_node(cluster
     line = next((s for s in output.splitlines() if "is not visible on node(s)" in s), None)
     assert line and private in line and "127.0.0.2" in line, output[-3000:]
     assert "== specialists" not in output  # refused before any training
+
+
+# ------------------------------------------------------------------------------ a node lost mid-job (last: the worker node dies)
+KILL_OUT = "runs/cluster-kill"
+KILL_EPOCHS = {"network": EPOCHS["network"], "specialist": 6}  # time to kill a specialist mid-run
+
+
+def test_a_worker_node_killed_mid_specialist_resumes_on_the_head(cluster: Cluster) -> None:
+    """SIGKILL to every process of the worker node while a specialist trains there: Train's
+    FailureConfig restarts it on the head, the job succeeds with every task's outputs, and MLflow
+    (logged by the driver only) holds one FINISHED nested run a task with every epoch's val_acc."""
+    from mlflow.tracking import MlflowClient
+
+    nodes = cluster.node_ids()
+    out = cluster.shared / KILL_OUT
+    env, argv = cluster.readme("submit", *JOB_OVERRIDES, f"specialist.optim.epochs={KILL_EPOCHS['specialist']}",
+                               f"resources.storage_path={cluster.shared / 'ray-kill'}")
+    assert "--out" in argv, f"the README's submit has no --out: {argv}"
+    argv[argv.index("--out") + 1] = str(out)
+    log = cluster.root / "job-kill.log"
+    sink = open(log, "wb")  # noqa: SIM115 - closed below
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def output() -> str:
+            return log.read_text(errors="replace")
+
+        def diagnostics() -> str:
+            return f"{output()[-4000:]}\n{cluster.job_logs()}\n{cluster.logs(20)}"
+
+        def specialist_on_worker() -> list[dict]:
+            if proc.poll() is not None:
+                raise AssertionError(f"ray job submit exited {proc.returncode} before a specialist ran on the "
+                                     f"worker node\n{diagnostics()}")
+            if "== specialists" not in output():
+                return []
+            return [a for a in cluster.state("actors", state="ALIVE")
+                    if "TrainWorker" in a.get("class_name", "") and a.get("node_id") == nodes["worker"]]
+
+        actors = wait_for("a specialist's Train worker alive on the worker node", specialist_on_worker, 90, 0.5,
+                          diagnostics)
+        # The whole worker node, at once: its `ray start` group and everything in its mount namespace.
+        worker = cluster.procs["worker"]
+        victims = sorted(set(pids_in_group(worker.pid) + pids_in_namespace(cluster.worker_ns)))
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed_at = time.monotonic() - t0
+        wait_for("the worker node's processes gone after SIGKILL",
+                 lambda: worker.poll() is not None and not [p for p in victims if running(p)], 20, 0.2)
+        print(f"kill: {len(victims)} worker-node processes killed {killed_at:.0f} s into the job "
+              f"(Train workers there: {[a['actor_id'][:8] for a in actors]})", flush=True)
+        try:
+            rc = proc.wait(timeout=max(30.0, 300 - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job did not finish {time.monotonic() - t0:.0f} s after it was submitted "
+                                 f"({killed_at:.0f} s in, the worker node was killed)\n{diagnostics()}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        sink.close()
+    text = log.read_text(errors="replace")
+    print(f"kill job: {time.monotonic() - t0:.0f} s, exit {rc}", flush=True)
+    fail = f"{text[-5000:]}\n{cluster.job_logs()}"
+    assert rc == 0, f"ray job submit exited {rc} after the worker node was killed\n{fail}"
+    assert re.search(r"Job '\S+' succeeded", text), f"the job did not succeed after the worker node was killed\n{fail}"
+    assert (out / "metrics.json").is_file(), f"{out}/metrics.json is missing after the worker node was killed\n{fail}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    tasks = metrics["tasks"]
+    assert {"vanilla", "specialist_0", "specialist_1"} <= set(tasks), f"the job's tasks: {sorted(tasks)}"
+    for name in ("bundle/manifest.json", "predictions.parquet"):
+        assert (out / name).is_file(), f"{out}/{name} is missing after the worker node was killed"
+    placed = {}
+    for name, folder in tasks.items():
+        folder = Path(folder)
+        files = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        weights = "delta.safetensors" if name.startswith("specialist_") else "model.safetensors"
+        assert {"metrics.json", weights} <= files, f"{name}: {folder} holds {sorted(files)}, not metrics.json and {weights}"
+        placed[name] = json.loads((folder / "metrics.json").read_text()).get("node_id")
+    where = {name: {v: k for k, v in nodes.items()}.get(node, f"unknown node {node}") for name, node in placed.items()}
+    print(f"kill job: tasks finished on {where}", flush=True)
+
+    logged = re.search(r"mlflow: run (\w+) in (\S+)", text)
+    assert logged, f"the job says nothing of its MLflow run\n{text[-3000:]}"
+    assert logged.group(2) == cluster.mlflow, f"the job logged to {logged.group(2)}, not to {cluster.mlflow}"
+    client = MlflowClient(cluster.mlflow)
+    parent = client.get_run(logged.group(1))
+    runs = client.search_runs([parent.info.experiment_id], max_results=1000)
+    mine = [r for r in runs if r.info.run_id == parent.info.run_id
+            or r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    problems = []
+    if parent.info.status != "FINISHED":
+        problems.append(f"the job's run {parent.info.run_name} is {parent.info.status}")
+    running_runs = [(r.info.run_name, r.info.status) for r in mine if r.info.status == "RUNNING"]
+    if running_runs:
+        problems.append(f"runs of this job left RUNNING: {running_runs}")
+    nested: dict[str, list] = {}
+    for r in mine:
+        if r.info.run_id != parent.info.run_id:
+            nested.setdefault(r.info.run_name, []).append(r)
+    curves: dict[str, list[int]] = {}
+    for name in tasks:
+        found = nested.get(name, [])
+        if len(found) != 1:
+            problems.append(f"{name} (finished on the {where[name]} node): {len(found)} nested runs, not 1 "
+                            f"({[(r.info.run_id[:8], r.info.status) for r in found]})")
+            if not found:
+                continue
+        run = found[0]
+        if run.info.status != "FINISHED":
+            problems.append(f"{name} (finished on the {where[name]} node): run is {run.info.status}")
+        epochs = KILL_EPOCHS["specialist" if name.startswith("specialist_") else "network"]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+        curves[name] = steps
+        missing = sorted(set(range(1, epochs + 1)) - set(steps))
+        extra = sorted(set(steps) - set(range(1, epochs + 1)))
+        if missing or extra:
+            problems.append(f"{name} (finished on the {where[name]} node): val_acc logged at steps {steps}; "
+                            f"missing epochs {missing}, steps outside 1..{epochs}: {extra}")
+    print(f"kill job: val_acc steps in MLflow {curves}", flush=True)
+    assert not problems, "MLflow after the worker node was killed: " + "; ".join(problems) + \
+        f" (nested runs: {sorted(nested)})"
