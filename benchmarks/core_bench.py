@@ -12,11 +12,16 @@ case for routed groups), it prints and (``--json FILE``) writes:
 * ``flops_ratio_hard`` / ``flops_ratio_soft`` / ``flops_ratio_shared_trunk`` — FLOPs of those
   predictions (``torch.utils.flop_counter.FlopCounterMode`` over the whole batch) / one forward;
 * ``peak_memory_ratio`` — memory of a shared-trunk hard prediction / one forward, **counted by
-  the engine**: resident weights + packed deltas + decoded deltas held + the largest activation
-  set (:func:`supersub.cost.activation_peak_bytes`) — the same on every run; beside it
+  the engine** with its serving defaults: what :meth:`TwoStagePredictor.resident_bytes` reports
+  (resident weights, the deltas as held, decoded deltas kept, one routed group's decode working
+  set) + the largest activation set (:func:`supersub.cost.activation_peak_bytes`) — the same on
+  every run; beside it
   ``rss_peak_ratio``, the process's peak resident-set increase (each in a fresh process,
   ``--memory-probe``; on CUDA ``torch.cuda.max_memory_allocated``), which a busy allocator moves;
 * ``resident_bytes_ratio`` — what the predictor keeps (network + packed deltas) / one network;
+* ``latency_cost_of_decoding`` — the shared-trunk hard prediction with its serving defaults
+  (each routed group's delta decoded just before the group) against the same with every decoded
+  delta kept;
 * ``latency_ratio_trunk_router`` / ``flops_ratio_trunk_router`` — hard routing with the trunk
   router (``generalist.kind=trunk_router``): stage one is stem..layer3 + the router head, then
   only the routed specialist's ``layer4`` (deltas on ``layer4``).
@@ -135,6 +140,8 @@ PAIRS = [
          contains="trunk_router_stage_one", at_least=1.0),
     # The control: a copy of the same network. Far from 1, nothing this run timed can be trusted.
     Pair("latency_ratio_control", "one_network_copy", "control: the same network again", near=1.0),
+    # Decoding each routed group's delta just before the group, against keeping them all decoded.
+    Pair("latency_cost_of_decoding", "shared_trunk_hard", "shared trunk, decoded per group", base="shared_trunk_kept"),
 ]
 
 
@@ -143,6 +150,8 @@ def latency_ratios(times: dict[str, list[float]], pairs: list[Pair] = PAIRS) -> 
     ``near``) and all of them against the control."""
     out = {}
     for p in pairs:
+        if p.model not in times or p.base not in times:
+            continue
         r = ratio(times, p.model, p.base, at_least=p.at_least, near=p.near, why=f"{p.model} vs {p.base}")
         if r.reliable and p.contains:
             part = ratio(times, p.model, p.contains, at_least=1.0, max_spread=float("inf"),
@@ -160,23 +169,22 @@ def latency_ratios(times: dict[str, list[float]], pairs: list[Pair] = PAIRS) -> 
 
 @torch.no_grad()
 def time_breakdown(pred: TwoStagePredictor, x: torch.Tensor, device, repeats: int) -> dict[str, float]:
-    """Where a hard prediction's time goes: stage one, the routed groups, one group's forward and
-    its delta's add-and-restore, and the delta stages on the whole batch at once (what the groups
-    would cost with no per-group overhead)."""
+    """Where a hard prediction's time goes: stage one, the routed groups, one group's forward, its
+    delta's decode and its add-and-restore, and the delta stages on the whole batch at once (what
+    the groups would cost with no per-group overhead)."""
     from supersub.models import STAGES
     from supersub.routing import plan
 
     trunk, sup, _ = pred.stage1(x)
     p = plan(sup, HARD)
     s, (b, _) = max(p.calls.items(), key=lambda kv: kv[1][0].numel())
-    d = pred.materialized(s)
+    d = pred.deltas[s].decode()
+    buf = pred.layout.buffer
 
     def patch() -> None:
-        for name, (pos, values) in d.weights.items():
-            flat = pred._flat[name]
-            orig = flat[pos]
-            flat[pos] = orig + values
-            flat[pos] = orig
+        orig = buf.index_select(0, d.positions)
+        buf.scatter_(0, d.positions, orig + d.values)
+        buf.scatter_(0, d.positions, orig)
 
     def group() -> None:
         pred.base.forward_head(pred.base.forward_stages_with(trunk[b], pred.first_stage, len(STAGES), {}, d.bn), d.head)
@@ -185,6 +193,7 @@ def time_breakdown(pred: TwoStagePredictor, x: torch.Tensor, device, repeats: in
         "stage one": lambda: pred.stage1(x),
         f"{len(p.calls)} routed groups": lambda: pred.specialists(trunk, p),
         f"one group of {b.numel()}: forward": group,
+        "one group: decode its delta": pred.deltas[s].decode,
         "one group: add and restore its delta": patch,
         "delta stages on the whole batch":
             lambda: pred.base.forward_head(pred.base.forward_stages(trunk, pred.first_stage, len(STAGES))),
@@ -236,9 +245,9 @@ def memory_probe(args) -> None:
         with torch.no_grad():
             net(x)
 
-    def two() -> None:
-        deltas = {int(p.stem): PackedDelta.from_bytes(p.read_bytes()) for p in folder.glob("*.safetensors")}
-        TwoStagePredictor(copy.deepcopy(base), h, deltas, "vanilla", device).predict(x, HARD)
+    def two() -> None:  # the packed deltas read are the predictor's alone: it keeps its own form of them
+        TwoStagePredictor(copy.deepcopy(base), h, {int(p.stem): PackedDelta.from_bytes(p.read_bytes())
+                                                   for p in folder.glob("*.safetensors")}, "vanilla", device).predict(x, HARD)
 
     one()  # allocator and kernels warmed with the same shapes in both probes
     print(json.dumps({"peak": peak_increase(one if args.memory_probe == "one" else two, device)}))
@@ -290,13 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             vanilla(x)
 
-    # Evaluation-style predictors: every decoded delta kept (the shipped serving default keeps 16).
-    pred = TwoStagePredictor(copy.deepcopy(base), h, full, "vanilla", device, amp=amp, cache_bytes=1 << 34)
-    pred_late = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34)
+    # The serving defaults (deltas held packed, each decoded just before its routed group), and
+    # the same shared-trunk engine with every decoded delta kept, which prices the decoding.
+    pred = TwoStagePredictor(copy.deepcopy(base), h, full, "vanilla", device, amp=amp)
+    pred_late = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp)
+    pred_kept = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34)
     # generalist.kind=trunk_router: the router head on the layer3 trunk, the same layer4 deltas.
     router = router_spec(base, 4, args.image_size, args.router_width, h.num_superclasses).build()
-    pred_router = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, cache_bytes=1 << 34,
-                                    router=router)
+    pred_router = TwoStagePredictor(copy.deepcopy(base), h, late, "vanilla", device, amp=amp, router=router)
     soft2 = Routing("soft", 2)
     copy_net = copy.deepcopy(vanilla)
 
@@ -312,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "two_stage_hard": lambda: pred.predict(x, HARD),
         "two_stage_soft2": lambda: pred.predict(x, soft2),
         "shared_trunk_hard": lambda: pred_late.predict(x, HARD),
+        "shared_trunk_kept": lambda: pred_kept.predict(x, HARD),
         "trunk_router_stage_one": lambda: pred_router.stage1(x),
         "trunk_router_hard": lambda: pred_router.predict(x, HARD),
     }
@@ -322,12 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     routed = int(pred.run(x, 1).routes.unique().numel())
     breakdown = time_breakdown(pred_late, x, device, args.repeats)
     flops = {name: count_flops(fn) for name, fn in models.items()}
-    # Memory counted by the engine: weights and deltas it holds, and its largest activation set.
-    pred_late.predict(x, HARD)  # every routed delta decoded and held, as in serving
+    # Memory counted by the engine (serving defaults): what it holds, and its largest activation set.
     engine_one = net_bytes + activation_peak_bytes(vanilla, one_network)
-    engine_two = {"resident_weights": state_bytes(pred_late.base),
-                  "packed_deltas": sum(d.nbytes for d in late.values()),
-                  "decoded_deltas": pred_late.cached_bytes,
+    engine_two = {**pred_late.resident_bytes(),
                   "largest_activation_set": activation_peak_bytes(pred_late.base, lambda: pred_late.predict(x, HARD))}
     with tempfile.TemporaryDirectory(prefix="core-bench-") as tmp:
         torch.save(base.state_dict(), Path(tmp) / "base.pt")
@@ -349,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         # A ratio is null when unreliable; latency[key] has the measured value, spread and why.
         **{key: r.value for key, r in ratios.items()},
         "latency": {key: r.to_dict() for key, r in ratios.items()},
-        **{f"flops_{p.key[len('latency_'):]}": flops[p.model] / flops[p.base] for p in PAIRS},
+        **{f"flops_{p.key[len('latency_'):]}": flops[p.model] / flops[p.base] for p in PAIRS
+           if p.key.startswith("latency_ratio")},
         "specialists_per_batch": routed,
         "breakdown_ms_shared_trunk": breakdown,
         "engine_bytes_one_network": engine_one, "engine_bytes_shared_trunk": engine_two,
@@ -369,12 +378,13 @@ def main(argv: list[str] | None = None) -> dict:
     for p in PAIRS:
         r = ratios[p.key]
         shown = f"{r.measured:>10.2f}x" if r.reliable else f"{'unreliable':>11}"
+        against = "" if p.base == "one_network" else f"   (x {p.base}, {median_ms(times[p.base]):.2f} ms)"
         print(f"  {p.label:<33}{median_ms(times[p.model]):>9.2f}{shown}{100 * r.spread:>7.0f}%"
-              f"{flops[p.model] / flops[p.base]:>7.2f}x" + (f"   ({r.why})" if not r.reliable else ""))
+              f"{flops[p.model] / flops[p.base]:>7.2f}x" + against + (f"   ({r.why})" if not r.reliable else ""))
     print("  shared trunk, where the time goes (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
-    print(f"  memory (shared trunk, hard), counted by the engine: {sum(engine_two.values()) / 2**20:.1f} MiB vs "
-          f"{engine_one / 2**20:.1f} MiB for one forward = {fig['peak_memory_ratio']:.3f}x "
-          f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in engine_two.items())} MiB)")
+    print(f"  memory (shared trunk, hard), counted by the engine: {sum(engine_two.values()) / 2**20:.2f} MiB vs "
+          f"{engine_one / 2**20:.2f} MiB for one forward = {fig['peak_memory_ratio']:.3f}x "
+          f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in engine_two.items())} MiB)")
     print(f"  peak {'CUDA allocator' if device.type == 'cuda' else 'RSS'} increase: {fig['rss_peak_shared_trunk_mb']:.1f} MiB "
           f"vs {fig['rss_peak_one_network_mb']:.1f} MiB = {fig['rss_peak_ratio']:.3f}x (moves with the allocator and the load)")
     print(f"  resident (network + packed layer4 deltas) = {fig['resident_bytes_ratio']:.3f} networks")

@@ -7,16 +7,22 @@ probabilities sum to superclass probabilities) stays on the device and is never 
   output of the stages before the first delta stage (the *trunk*). A specialist only runs the
   stages that carry its delta, and its head, on the trunk of the images routed to it: with
   deltas on ``layer4`` alone, a specialist pass costs ~a fifth of a network.
-* **A delta costs its own entries, not a copy of the network.** For a routed group the decoded
-  delta is added at its positions of the resident's weights, the delta stages run with the
-  specialist's BatchNorm tensors passed in (:meth:`supersub.models.ResNet.forward_stages_with`),
-  and the saved entries are written back: a few scatters of the kept entries (5 % of a stage's
-  weights), no copy of the stage's weights — which on a ResNet is most of the network. The same
-  arithmetic as :func:`supersub.delta.applied`, bit for bit. One lock serialises a predictor's
-  forward passes (stage one must never see a patched network), so threads may share it.
-* **Decoded deltas cached by bytes.** Packed deltas stay in host memory; decoded ones (positions
-  and values) are kept in an LRU bounded by ``cache_bytes`` (0: decode on every use, the least
-  memory; evaluation keeps them all).
+* **A delta costs its own entries, not a copy of the network.** For a routed group the delta is
+  decoded on the device (:meth:`supersub.delta.CompactDelta.decode`) and added at its positions
+  of the resident's weights, the delta stages run with the specialist's BatchNorm tensors passed
+  in (:meth:`supersub.models.ResNet.forward_stages_with`), and the saved entries are written
+  back: one gather and two scatters of the kept entries (5 % of a stage's weights) over the
+  resident's delta-stage weights, which live in one flat buffer (:class:`supersub.delta.FlatLayout`),
+  no copy of the stage's weights — which on a ResNet is most of the network. The same arithmetic
+  as :func:`supersub.delta.applied`, bit for bit. One lock serialises a predictor's forward
+  passes (stage one must never see a patched network), so threads may share it.
+* **Deltas held packed, decoded per group.** Every specialist's delta stays on the device in
+  about its stored bytes (:class:`supersub.delta.CompactDelta`: one byte of position gap and
+  b bits of code per kept entry, scales per channel) and is decoded just before its group runs;
+  the decoded positions and values are freed after it. An LRU of decoded deltas, bounded by
+  ``cache_bytes``, saves the decode where that pays (0, the default: measured in
+  ``docs/benchmarks.md``, decoding costs a few percent of a group's forward; evaluation keeps
+  them all). :meth:`TwoStagePredictor.resident_bytes` says what the predictor holds.
 
 Routing (which specialists, how answers combine) is :mod:`supersub.routing`'s business.
 """
@@ -31,17 +37,18 @@ import torch
 from torch import nn
 
 from supersub.cache import LRU
-from supersub.delta import MaterializedDelta, PackedDelta, get_method
+from supersub.delta import CompactDelta, DecodedDelta, FlatLayout, PackedDelta, get_method
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import superclass_probs
-from supersub.models import STAGES, ResNet, stage_of
+from supersub.models import STAGES, ResNet, state_bytes
 from supersub.routing import Plan, Routing, StageOutputs, assemble, combine, plan
 
 
 class TwoStagePredictor:
     """Generalist → superclass → specialist (resident + delta) → subclass, on one network.
 
-    ``deltas`` maps superclass index → :class:`PackedDelta` (kept in host memory).
+    ``deltas`` maps superclass index → :class:`PackedDelta`; the predictor keeps each as a
+    :class:`CompactDelta` on ``device`` (:attr:`deltas`), not the packed objects it was given.
     ``resident``: ``generalist`` (its head is over superclasses) or ``vanilla`` (over subclasses).
     ``router``: a :class:`supersub.router.TrunkRouter` on the vanilla resident's trunk — stage one
     is then the trunk + router, not the resident's whole forward.
@@ -69,7 +76,7 @@ class TwoStagePredictor:
         self.base = base.to(self.device).eval()
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.hierarchy, self.deltas, self.resident = hierarchy, deltas, resident
+        self.hierarchy, self.resident = hierarchy, resident
         self.amp, self.cache_bytes = amp, cache_bytes
         self.first_stage = min(int(d.meta["first_stage"]) for d in deltas.values())  # earlier stages: the trunk
         if router is not None:
@@ -81,25 +88,50 @@ class TwoStagePredictor:
             for p in router.parameters():
                 p.requires_grad_(False)
         self.router = router
-        # Flat views of the resident's conv weights that a delta may change, by module name.
-        self._flat = {n: m.weight.data.view(-1) for n, m in self.base.named_modules()
-                      if isinstance(m, nn.Conv2d) and stage_of(n) >= self.first_stage}
+        # The weights any delta changes, in one flat buffer: a delta is one gather and two scatters.
+        self.layout = FlatLayout(self.base, {n for d in deltas.values() for n in d.meta["layers"]})
+        self.deltas: dict[int, CompactDelta] = {
+            s: get_method(d.meta.get("method", "sparse_qat")).compact(d, self.layout, self.device)
+            for s, d in sorted(deltas.items())
+        }
         self._lock = threading.RLock()
-        self._cache: LRU[MaterializedDelta] = LRU(cache_bytes, cache_items, size=lambda m: m.nbytes)
+        self._cache: LRU[DecodedDelta] = LRU(cache_bytes, cache_items, size=lambda m: m.nbytes)
+        self._caching = cache_bytes > 0 and cache_items >= 1
         self.timings = {"stage1_s": 0.0, "stage2_s": 0.0, "specialist_passes": 0, "images": 0}
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
-    def materialized(self, s: int) -> MaterializedDelta:
-        """Superclass ``s``'s decoded delta, from the LRU when it is there."""
-        packed = self.deltas[s]
-        return self._cache.get_or_make(s, lambda: get_method(packed.meta.get("method", "sparse_qat")).materialize(packed, self.device))
+    def materialized(self, s: int) -> DecodedDelta:
+        """Superclass ``s``'s decoded delta: from the LRU when it is there, else decoded now
+        (and kept when the LRU's bounds allow)."""
+        return self._cache.get_or_make(s, self.deltas[s].decode)
 
     @property
     def cached_bytes(self) -> int:
         return self._cache.nbytes
+
+    def resident_bytes(self) -> dict[str, int]:
+        """What this predictor holds on its device, in bytes, by component; their sum is its
+        memory apart from activations:
+
+        * ``network`` — the resident network's parameters and buffers (with the flat buffer's
+          alignment padding);
+        * ``router`` — the trunk router's (0 without one);
+        * ``deltas`` — every specialist's delta as held (:class:`CompactDelta`: about its stored
+          bytes);
+        * ``decoded_cache`` — decoded deltas kept in the LRU (``cache_bytes`` bounds it);
+        * ``decode_working_set`` — the most that decoding and applying one routed group's delta
+          holds at once (positions, values, the resident's saved entries), freed after the group.
+        """
+        return {
+            "network": state_bytes(self.base) + self.layout.padding_bytes,
+            "router": 0 if self.router is None else state_bytes(self.router),
+            "deltas": sum(d.nbytes for d in self.deltas.values()),
+            "decoded_cache": self._cache.nbytes,
+            "decode_working_set": max((d.working_set for d in self.deltas.values()), default=0),
+        }
 
     @torch.no_grad()
     def stage1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -118,24 +150,29 @@ class TwoStagePredictor:
         return trunk, probs, None
 
     @torch.no_grad()
-    def specialist(self, s: int, trunk: torch.Tensor, delta: MaterializedDelta | None = None) -> torch.Tensor:
+    def specialist(self, s: int, trunk: torch.Tensor, delta: DecodedDelta | None = None) -> torch.Tensor:
         """Softmax ``[b, n_sub(+1)]`` of superclass ``s``'s specialist on trunk features ``[b, ...]``
         (``delta``: an already decoded delta, e.g. from a serving cache)."""
-        d = delta if delta is not None else self.materialized(s)
-        with self._lock:
-            saved = []
-            try:
-                for name, (pos, values) in d.weights.items():  # W0[pos] + values, as applied() does
-                    flat = self._flat[name]
-                    orig = flat[pos]
-                    saved.append((flat, pos, orig))
-                    flat[pos] = orig + values
+        d, owned = delta, False
+        if d is None:
+            d = self._cache.get(s)
+        if d is None:
+            d = self.deltas[s].decode()
+            if self._caching:
+                self._cache.put(s, d)
+            else:
+                owned = True  # this group's alone: the resident's entries can be added into its values
+        buf, pos = self.layout.buffer, d.positions
+        with self._lock:  # decoded outside it: another thread's group may run meanwhile
+            self.layout.check()
+            orig = buf.index_select(0, pos)
+            try:  # W0[pos] + values, as applied() does (one add, in fp32)
+                buf.scatter_(0, pos, d.values.add_(orig) if owned else orig + d.values)
                 with self._autocast():
                     h = self.base.forward_stages_with(trunk, self.first_stage, len(STAGES), {}, d.bn)
                     return torch.softmax(self.base.forward_head(h, d.head).float(), 1)
             finally:
-                for flat, pos, orig in saved:  # the exact entries back, never a subtraction
-                    flat[pos] = orig
+                buf.scatter_(0, pos, orig)  # the exact entries back, never a subtraction
 
     @torch.no_grad()
     def specialists(self, trunk: torch.Tensor, p: Plan) -> dict[int, torch.Tensor]:

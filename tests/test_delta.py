@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from supersub.delta import (
+    CompactDelta,
     DeltaConfig,
+    FlatLayout,
     PackedDelta,
     PruningSchedule,
     add_delta,
@@ -72,6 +74,66 @@ def test_export_round_trip_is_exact(bits, mask, bn):
     assert torch.equal(expected, got)
     # the resident network is restored bit for bit
     assert all(torch.equal(before[k], v) for k, v in restored.state_dict().items())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("mask,keep", [("magnitude", 0.1), ("magnitude", 0.01), ("magnitude", 1.0), ("random", 0.1)])
+def test_compact_delta_decodes_exactly_what_materialize_decodes(bits, mask, keep):
+    """The form the predictor holds (one gap stream, one code stream, scales with per-channel
+    counts, over a flat layout of the resident's weights) decodes to materialize's positions and
+    values bit for bit, with positions of every layer sorted and in its own slot; and holds about
+    the stored bytes (seeded and dense positions are not stored; held, they cost one byte a gap)."""
+    base = tiny_base()
+    cfg = DeltaConfig(bits=bits, mask=mask, keep=keep, bn="adapt", stages=["layer2", "layer3", "layer4"])
+    spec, _, x = finetune(base, cfg, steps=6)
+    packed = PackedDelta.from_bytes(export_delta(spec, cfg, superclass=0).to_bytes())
+    resident = copy.deepcopy(base)
+    expected = resident(x)
+    layout = FlatLayout(resident, packed.meta["layers"])
+    assert torch.equal(resident(x), expected)  # the weights moved into the buffer, not changed
+    compact = CompactDelta(packed, layout, "cpu")
+    decoded, reference = compact.decode(), materialize(packed)
+    assert decoded.positions.dtype == torch.int64 and bool((decoded.positions.diff() > 0).all())
+    assert decoded.positions.numel() == sum(p.numel() for p, _ in reference.weights.values()) == compact.nnz
+    for name, (pos, values) in reference.weights.items():
+        off, shape = layout.slots[name]
+        inside = (decoded.positions >= off) & (decoded.positions < off + int(np.prod(shape)))
+        assert torch.equal(decoded.positions[inside] - off, pos), name
+        assert torch.equal(decoded.values[inside], values), name
+    assert all(torch.equal(decoded.bn[n][k], reference.bn[n][k]) for n in reference.bn for k in reference.bn[n])
+    assert torch.equal(decoded.head.weight, reference.head.weight) and torch.equal(decoded.head.bias, reference.head.bias)
+    if keep == 0.01:
+        assert compact.exc_index.numel() > 0  # gaps over a byte: the exception list is exercised
+    if mask == "magnitude" and keep < 1:
+        assert compact.nbytes <= packed.nbytes  # positions and codes no bigger than stored
+    else:  # seeded or dense positions are not stored: held, they cost a byte a gap
+        assert compact.nbytes <= packed.nbytes + compact.nnz
+    # decoded into the layout's buffer: the same weights as applied() gives the network
+    buf = layout.buffer
+    orig = buf.index_select(0, decoded.positions)
+    buf.scatter_(0, decoded.positions, orig + decoded.values)
+    reference_net = copy.deepcopy(base)
+    with applied(reference_net, reference):
+        want = dict(reference_net.named_modules())
+        for name in reference.weights:
+            assert torch.equal(dict(resident.named_modules())[name].weight, want[name].weight), name
+    buf.scatter_(0, decoded.positions, orig)
+    assert all(torch.equal(a, b) for a, b in zip(resident.state_dict().values(), base.state_dict().values()))
+
+
+def test_flat_layout_aligns_every_weight_and_refuses_unknown_modules():
+    from supersub.delta.compact import ALIGN
+
+    model = tiny_base()
+    names = ["layer3.0.conv1", "layer3.0.conv2", "layer4.0.conv1"]
+    layout = FlatLayout(model, names)
+    modules = dict(model.named_modules())
+    for name in names:
+        off, shape = layout.slots[name]
+        assert off % ALIGN == 0 and modules[name].weight.data_ptr() == layout.buffer[off:].data_ptr()
+    assert layout.padding_bytes == 4 * (layout.numel - sum(modules[n].weight.numel() for n in names))
+    with pytest.raises(ValueError, match="no module"):
+        FlatLayout(tiny_base(), ["layer9.conv"])
 
 
 @pytest.mark.parametrize("keep", [0.02, 0.05, 0.3])

@@ -1,5 +1,6 @@
-"""Two-stage predictor: routing maths, bit-for-bit equality with the in-place delta path, one
-resident network whatever the number of specialists, the routing spelling."""
+"""Two-stage predictor: routing maths, bit-for-bit equality with the in-place delta path (deltas
+held packed and decoded per group against decoding them the old way), one resident network
+whatever the number of specialists, what it holds by component, the routing spelling."""
 
 import copy
 import threading
@@ -9,9 +10,10 @@ import torch
 
 from supersub.delta import DeltaConfig, add_delta, applied, export_delta, materialize
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
-from supersub.models import STAGES, ModelConfig, build_model
+from supersub.metrics import superclass_probs
+from supersub.models import STAGES, ModelConfig, build_model, state_bytes
 from supersub.predictor import TwoStagePredictor
-from supersub.routing import HARD, Routing, StageOutputs, combine, plan, specialist_passes
+from supersub.routing import HARD, Routing, StageOutputs, assemble, combine, plan, specialist_passes
 
 
 def make_hierarchy(n_super=3, base_size=3):
@@ -61,6 +63,82 @@ def test_specialist_equals_the_in_place_path_bit_for_bit(stages):
     # the resident network was never changed
     for a, b in zip(pred.base.state_dict().values(), base.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def predict_the_old_way(base, h, deltas, resident, x, routing, router=None):
+    """The reference two-stage prediction: each routed group's delta decoded per weight
+    (``materialize``: int64 positions + fp32 values) and put onto a copy of the resident network
+    in place (``applied``), stage one by the network's (or the router's) own forward."""
+    net = copy.deepcopy(base).eval()
+    first = min(int(d.meta["first_stage"]) for d in deltas.values())
+    trunk = net.forward_stages(x, 0, first)
+    fine = None
+    if router is not None:
+        sup = torch.softmax(router(trunk).float(), 1)
+    else:
+        probs = torch.softmax(net.forward_head(net.forward_stages(trunk, first, len(STAGES))).float(), 1)
+        sup, fine = (superclass_probs(probs, h), probs) if resident == "vanilla" else (probs, None)
+    p = plan(sup, routing)
+    answers = {}
+    for s, (b, _) in p.calls.items():
+        with applied(net, materialize(deltas[s])) as head:
+            answers[s] = torch.softmax(net.forward_head(net.forward_stages(trunk[b], first, len(STAGES)), head).float(), 1)
+    out = assemble(h, sup, fine, p, answers)
+    return combine(out, routing), out.super_probs
+
+
+@pytest.mark.parametrize("resident,stages", [("vanilla", ("layer4",)), ("vanilla", tuple(STAGES)),
+                                             ("generalist", ("layer3", "layer4"))])
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_packed_engine_predicts_what_decoding_the_old_way_predicts(resident, stages, cache_bytes):
+    """Deltas held packed and decoded per routed group (cache off, the serving default) or kept
+    decoded: hard, soft and thresholded soft routing give the old engine's answers bit for bit."""
+    h = make_hierarchy(4)
+    pred, base, deltas = make_predictor(h, resident, stages=stages, cache_bytes=cache_bytes)
+    x = torch.randn(12, 3, 32, 32)
+    for routing in (HARD, Routing("soft", 2), Routing("soft", 3, 0.5), Routing("soft", 4)):
+        for _ in range(2):  # the second time from the cache, when there is one
+            fine, sup = pred.predict(x, routing)
+            want_fine, want_sup = predict_the_old_way(base, h, deltas, resident, x, routing)
+            assert torch.equal(sup, want_sup) and torch.equal(fine, want_fine), routing
+    assert all(torch.equal(a, b) for a, b in zip(pred.base.state_dict().values(), base.state_dict().values()))
+
+
+def test_predictors_on_one_network_share_its_flat_buffer_or_refuse_to_run():
+    """Two predictors built on the same network object (evaluation-style reuse) patch the same
+    buffer, as they patched the same weights before; a network laid out again for other delta
+    layers is refused at the next group, never run without its delta."""
+    h = make_hierarchy()
+    _, base, deltas = make_predictor(h, stages=("layer4",))
+    shared = copy.deepcopy(base)
+    a = TwoStagePredictor(shared, h, deltas, "vanilla")
+    b = TwoStagePredictor(shared, h, deltas, "vanilla")
+    assert a.layout.buffer.data_ptr() == b.layout.buffer.data_ptr()
+    x = torch.randn(9, 3, 32, 32)
+    want = predict_the_old_way(base, h, deltas, "vanilla", x, Routing("soft", 2))[0]
+    assert torch.equal(a.predict(x, Routing("soft", 2))[0], want) and torch.equal(b.predict(x, Routing("soft", 2))[0], want)
+    _, _, other = make_predictor(h, stages=("layer3", "layer4"))
+    TwoStagePredictor(shared, h, other, "vanilla")
+    with pytest.raises(RuntimeError, match="flat buffer"):
+        a.predict(x, HARD)
+
+
+def test_resident_bytes_are_the_network_and_about_the_stored_deltas():
+    h = make_hierarchy(4)
+    pred, base, deltas = make_predictor(h, stages=("layer3", "layer4"))
+    pred.predict(torch.randn(16, 3, 32, 32), Routing("soft", 4))
+    held = pred.resident_bytes()
+    assert set(held) == {"network", "router", "deltas", "decoded_cache", "decode_working_set"}
+    assert held["network"] == state_bytes(base) + pred.layout.padding_bytes
+    assert pred.layout.padding_bytes < 0.01 * state_bytes(base)
+    assert held["router"] == 0 and held["decoded_cache"] == 0  # serving default: nothing kept decoded
+    assert held["deltas"] <= sum(d.nbytes for d in deltas.values())  # no more than stored
+    nnz = max(d.nnz for d in pred.deltas.values())
+    assert held["decode_working_set"] == 16 * nnz  # int64 positions, fp32 values, saved fp32 entries
+    kept, _, _ = make_predictor(h, stages=("layer3", "layer4"), cache_bytes=1 << 30)
+    kept.predict(torch.randn(16, 3, 32, 32), Routing("soft", 4))
+    assert kept.resident_bytes()["decoded_cache"] == sum(12 * d.nnz for d in kept.deltas.values())
 
 
 def test_concurrent_predictions_equal_serial_ones():
@@ -176,8 +254,8 @@ def test_device_memory_is_one_network_whatever_the_number_of_specialists():
 def test_decoded_delta_cache_is_bounded_by_bytes():
     h = make_hierarchy(4)
     pred, _, _ = make_predictor(h)
-    one = pred.materialized(0).nbytes
-    pred._cache.max_bytes = int(2.5 * one)
+    one = pred.deltas[0].decode().nbytes
+    pred, _, _ = make_predictor(h, cache_bytes=int(2.5 * one))
     pred.predict(torch.randn(16, 3, 32, 32), Routing("soft", 4))
     assert 1 <= len(pred._cache) <= 2 and pred.cached_bytes <= 2.5 * one
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_pipeline import quiet, tiny
-from test_predictor import make_hierarchy, make_predictor
+from test_predictor import make_hierarchy, make_predictor, predict_the_old_way
 
 from supersub.bundle import load_bundle, write_bundle
 from supersub.config import ConfigError, load_config
@@ -55,13 +55,26 @@ def test_stage_one_is_the_trunk_and_the_router_only():
         assert p[i].sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("stages", [("layer4",), ("layer3", "layer4")])
+def test_packed_engine_with_the_router_predicts_what_decoding_the_old_way_predicts(stages):
+    """Deltas held packed and decoded per routed group, behind the trunk router: hard and soft
+    routing give the old engine's answers (deltas decoded per weight, applied in place) bit for bit."""
+    pred, base, deltas, router, _ = routed_predictor(stages=stages)
+    x = torch.randn(10, 3, 32, 32)
+    for routing in (Routing("hard"), Routing("soft", 2), Routing("soft", 3, 0.6)):
+        fine, sup = pred.predict(x, routing)
+        want_fine, want_sup = predict_the_old_way(base, pred.hierarchy, deltas, "vanilla", x, routing, router)
+        assert torch.equal(sup, want_sup) and torch.equal(fine, want_fine), routing
+    assert pred.resident_bytes()["router"] == sum(t.numel() * t.element_size() for t in router.state_dict().values())
+
+
 def test_hard_routing_costs_about_one_network():
-    pred, base, _, _, _ = routed_predictor(stages=("layer4",))
+    pred, base, deltas, _, _ = routed_predictor(stages=("layer4",))
     stage1, one_pass = two_stage_flops(pred, 32)
     net = network_flops(base, 32)
     assert stage1 < net  # the vanilla tail is not run in stage one
     assert (stage1 + one_pass) / net <= 1.05
-    vanilla_resident = TwoStagePredictor(copy.deepcopy(base), pred.hierarchy, pred.deltas, "vanilla")
+    vanilla_resident = TwoStagePredictor(copy.deepcopy(base), pred.hierarchy, deltas, "vanilla")
     s1, p1 = two_stage_flops(vanilla_resident, 32)
     assert (s1 + p1) / net > 1.15  # the old stage one: a whole forward, then the tail again
 

@@ -4,15 +4,18 @@
 * ``layer.py`` — :class:`SparseQuantDelta`, one weight's ``W0 + Q_b(D ⊙ M)``;
 * ``tuner.py`` — attaching deltas to a specialist, pruning schedule, fisher masks;
 * ``format.py`` — :class:`PackedDelta`, the stored file, and :func:`export_delta`;
-* ``apply.py`` — decoding a stored delta and computing with it;
+* ``apply.py`` — decoding a stored delta and computing with it (the reference);
+* ``compact.py`` — a stored delta held for serving in about its stored bytes, decoded per use;
 * ``packing.py`` — bytes: b-bit codes, varint positions, seeded positions.
 
 A delta *method* is what a specialist task calls through :func:`get_method` (the config's
 ``delta.method``, validated against :data:`METHODS`): ``attach`` (make a copy of the resident
 network trainable), ``schedule`` (a hook run after every optimiser step), ``export`` (the trained
-delta as a :class:`PackedDelta`) and ``materialize`` (a stored delta decoded for a device). The
-predictor only needs what ``materialize`` returns, so a new method that stores its delta as
-positions + values (low-rank, block-sparse, ...) plugs in by registering one object here.
+delta as a :class:`PackedDelta`), ``materialize`` (a stored delta decoded for a device, per
+weight) and ``compact`` (a stored delta held on the predictor's device over its
+:class:`FlatLayout`, with a ``decode()`` to positions + values of the layout). The predictor
+only needs what ``compact`` returns, so a new method that decodes to positions + values
+(low-rank, block-sparse, ...) plugs in by registering one object here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from supersub.delta.apply import MaterializedDelta, applied, materialize
+from supersub.delta.compact import CompactDelta, DecodedDelta, FlatLayout
 from supersub.delta.config import DeltaConfig
 from supersub.delta.format import PackedDelta, export_delta
 from supersub.delta.layer import SparseQuantDelta
@@ -51,6 +55,8 @@ class DeltaMethod(Protocol):
 
     def materialize(self, packed: PackedDelta, device: torch.device | str) -> MaterializedDelta: ...
 
+    def compact(self, packed: PackedDelta, layout: FlatLayout, device: torch.device | str) -> CompactDelta: ...
+
 
 @dataclass(frozen=True)
 class SparseQAT:
@@ -71,6 +77,9 @@ class SparseQAT:
     def materialize(self, packed, device):
         return materialize(packed, device)
 
+    def compact(self, packed, layout, device):
+        return CompactDelta(packed, layout, device)
+
 
 METHODS: dict[str, DeltaMethod] = {m.name: m for m in (SparseQAT(),)}
 
@@ -84,8 +93,11 @@ def get_method(name: str) -> DeltaMethod:
 
 __all__ = [
     "METHODS",
+    "CompactDelta",
+    "DecodedDelta",
     "DeltaConfig",
     "DeltaMethod",
+    "FlatLayout",
     "MaterializedDelta",
     "PackedDelta",
     "PruningSchedule",
