@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from supersub.config import field
-from supersub.delta import DeltaConfig
+from supersub.delta import METHODS, DeltaConfig
 from supersub.models import ModelConfig
 from supersub.routing import FAMILIES, Routing
 from supersub.train import OptimConfig
@@ -222,6 +222,8 @@ class PipelineConfig:
     tracking: TrackingConfig = field(TrackingConfig(), help="MLflow")
 
     def __post_init__(self) -> None:
+        if self.delta.method not in METHODS:
+            raise ValueError(f"delta.method must be one of {sorted(METHODS)}, got {self.delta.method!r}")
         if self.data.loader == "ray_data" and self.resources.runner != "ray":
             raise ValueError("data.loader=ray_data needs resources.runner=ray")
         if self.data.loader == "ray_data" and self.data.decode == "cuda":
