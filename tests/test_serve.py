@@ -440,8 +440,8 @@ def test_haproxy_answers_503_while_no_app_is_deployed(tmp_path: Path) -> None:
 
 
 def test_haproxy_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
-    """(11) HAProxy, started through serve/haproxy.sh by a process (Serve's HAProxy manager) that
-    is then killed outright, exits with it — it used to outlive a group-killed Ray, holding the
+    """HAProxy, started through serve/haproxy.sh by a process (Serve's HAProxy manager) that is
+    then killed outright, exits with it: an HAProxy that outlived a group-killed Ray would hold the
     HTTP, stats and metrics ports."""
     import os
     import signal
@@ -925,8 +925,8 @@ def test_launcher_ports_replica_kill_and_drain(bundles: dict[str, Path], tmp_pat
       their way are not refused), then new ones 503 + Retry-After — from every ingress replica:
       none answers 200 to a request sent a second after the grace —
       never cuts an answer mid-body, and exits 0 within seconds;
-    * (11) the SIGTERM goes to the launcher, or to its whole process group (as `timeout` and a
-      service manager send it; it used to take 35 s and leave HAProxy listening): either way the
+    * the SIGTERM goes to the launcher, or to its whole process group (as `timeout` and a
+      service manager send it): either way the
       drain above, then no process of the launcher's left, HAProxy's included, and the HTTP,
       stats and metrics ports free.
     """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from supersub.delta.format import PackedDelta
-from supersub.delta.packing import decode_positions, seeded_positions, symmetric_qrange, unpack_codes
+from supersub.delta.packing import layer_positions, symmetric_qrange, unpack_codes
 from supersub.delta.tuner import BN_TENSORS
 
 
@@ -34,12 +34,7 @@ def materialize(packed: PackedDelta, device: torch.device | str = "cpu") -> Mate
     weights = {}
     for name, entry in packed.meta["layers"].items():
         numel, nnz, bits = int(np.prod(entry["shape"])), entry["nnz"], entry["bits"]
-        if "seed" in entry:
-            pos = seeded_positions(numel, nnz, entry["seed"])
-        elif entry.get("dense"):
-            pos = np.arange(numel, dtype=np.int64)
-        else:
-            pos = decode_positions(t[f"w.{name}.positions"].numpy())
+        pos = layer_positions(t, name, entry)
         pos_t = torch.from_numpy(pos)
         if bits == 16:
             values = t[f"w.{name}.values"].float()

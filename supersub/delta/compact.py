@@ -31,9 +31,8 @@ from torch import nn
 
 from supersub.delta.format import PackedDelta
 from supersub.delta.packing import (
-    decode_positions,
+    layer_positions,
     pack_codes,
-    seeded_positions,
     symmetric_qrange,
     unpack_codes,
 )
@@ -156,12 +155,7 @@ class CompactDelta:
             if list(shape) != list(entry["shape"]):
                 raise ValueError(f"the delta of {name} has shape {entry['shape']}, the resident's weight {list(shape)}")
             numel, nnz = int(np.prod(shape)), int(entry["nnz"])
-            if "seed" in entry:
-                pos = seeded_positions(numel, nnz, entry["seed"])
-            elif entry.get("dense"):
-                pos = np.arange(numel, dtype=np.int64)
-            else:
-                pos = decode_positions(t[f"w.{name}.positions"].numpy())
+            pos = layer_positions(t, name, entry)
             positions.append(pos + offset)
             if self.bits == 16:
                 values16.append(t[f"w.{name}.values"].half())

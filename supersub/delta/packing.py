@@ -100,3 +100,14 @@ def symmetric_qrange(bits: int) -> tuple[int, int]:
     """Integer range of a symmetric b-bit quantiser: 2 bits → [-1, 1] (ternary), 4 → [-7, 7]."""
     qmax = (1 << (bits - 1)) - 1
     return -qmax, qmax
+
+
+def layer_positions(tensors, name: str, entry: dict) -> np.ndarray:
+    """The flat int64 positions of one layer's kept entries, however the delta stores them: a
+    seeded mask (regenerated), dense (every entry) or varint-coded gaps."""
+    numel, nnz = int(np.prod(entry["shape"])), int(entry["nnz"])
+    if "seed" in entry:
+        return seeded_positions(numel, nnz, entry["seed"])
+    if entry.get("dense"):
+        return np.arange(numel, dtype=np.int64)
+    return decode_positions(tensors[f"w.{name}.positions"].numpy())
