@@ -69,10 +69,10 @@ from supersub.cost import (
 )
 from supersub.delta import DeltaConfig, PackedDelta, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
-from supersub.models import ModelConfig, build_model, state_bytes
 from supersub.predictor import TwoStagePredictor
-from supersub.router import router_spec
+from supersub.resnet import ModelConfig, build_model, state_bytes
 from supersub.routing import HARD, Routing
+from supersub.trunk_router import router_spec
 
 
 def setup(args) -> tuple[Hierarchy, torch.nn.Module, torch.Tensor]:
@@ -172,7 +172,7 @@ def time_breakdown(pred: TwoStagePredictor, x: torch.Tensor, device, repeats: in
     """Where a hard prediction's time goes: stage one, the routed groups, one group's forward, its
     delta's decode and its add-and-restore, and the delta stages on the whole batch at once (what
     the groups would cost with no per-group overhead)."""
-    from supersub.models import STAGES
+    from supersub.resnet import STAGES
     from supersub.routing import plan
 
     trunk, sup, _ = pred.stage1(x)

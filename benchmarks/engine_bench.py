@@ -51,9 +51,9 @@ from supersub.config import load_config  # noqa: E402
 from supersub.cost import activation_peak_bytes, interleaved, load_average, median_ms, ratio  # noqa: E402
 from supersub.delta import DeltaConfig  # noqa: E402
 from supersub.hierarchy import Hierarchy, Subclass, Superclass, load_hierarchy  # noqa: E402
-from supersub.models import ModelConfig, build_model, state_bytes  # noqa: E402
 from supersub.pipeline_config import PipelineConfig  # noqa: E402
 from supersub.predictor import TwoStagePredictor  # noqa: E402
+from supersub.resnet import ModelConfig, build_model, state_bytes  # noqa: E402
 from supersub.routing import HARD, Routing  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     delta_cfg = DeltaConfig(**{**{k: getattr(cfg.delta, k) for k in ("method", "stages", "keep", "bits", "bn", "mask")},
                                **{k: v for k, v in (("stages", args.stages), ("keep", args.keep), ("bits", args.bits))
                                   if v is not None}})
-    resident = args.resident or ("generalist" if cfg.generalist.kind == "own" else "vanilla")
+    resident = args.resident or cfg.generalist.resident
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" else None
     cuda = device.type == "cuda"

@@ -21,8 +21,8 @@ $PY benchmarks/train_throughput.py --backbone resnet50 --image-size 224 --batch 
 # torch.compile (train.compile): the same steps, bf16 + channels_last, compiled against eager; compile time apart.
 $PY - > "$OUT/compile.txt" 2>&1 <<'PYEOF'
 import time, torch
-from supersub.models import ModelConfig, build_model
-from supersub.train import OptimConfig, build_optimizer
+from supersub.resnet import ModelConfig, build_model
+from supersub.epoch import OptimConfig, build_optimizer
 dev = torch.device("cuda")
 x = torch.randn(256, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 1000, (256,), device=dev)

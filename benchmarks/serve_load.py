@@ -1,16 +1,20 @@
 """Load test: the Serve graphs against a plain uvicorn peer serving the same model, side by side.
 
 Starts a local Ray + Serve with the two-stage app in its three graphs — ``/single`` (the model
-inside the HTTP ingress replica), ``/fused`` (Ingress → TwoStage), ``/stages`` (Ingress →
-Generalist → Specialist) — and the vanilla app (``/vanilla``, single), and — in its own process —
-a plain uvicorn + FastAPI *peer* that decodes the same
-way and runs the same :class:`TwoStagePredictor` in process. It sends ``--requests`` real JPEG
+inside the HTTP ingress replica), ``/fused`` (Ingress → TwoStage), ``/stages`` (stage one in the
+Ingress → Specialist) — and the vanilla app (``/vanilla``, single), and — in its own process —
+a plain uvicorn + FastAPI *peer* that decodes the same way and runs the same
+:class:`TwoStagePredictor` in process, with the serving defaults (deltas held packed, decoded per
+routed group), as Serve's replicas do. It sends ``--requests`` real JPEG
 bodies to each at every ``--concurrency`` level, one keep-alive connection per client thread, and
 prints latency percentiles, throughput, the model compute time measured where the model runs
 (the response's ``timing_ms``) and the overhead over it (latency − compute). ``--json FILE``
 writes the figures::
 
-    .venv/bin/python benchmarks/serve_load.py --make-tiny-bundle --requests 300 --concurrency 1,8
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --make-tiny-bundle --requests 300 --concurrency 1,8
+
+Set ``OMP_NUM_THREADS`` for both sides alike: Ray gives a replica that reserves less than one CPU
+one torch thread unless the environment says otherwise, and the peer inherits this process's.
 
 ``--proxy haproxy,serve`` (the default) measures both of Serve's ingresses, each in a Ray of its
 own (Serve reads the mode when it starts) and each beside its own run of the peer: ``haproxy`` is
@@ -125,7 +129,7 @@ def peer_serve(bundle: str, port: int) -> None:
     from supersub.remote import open_bundle
 
     b = open_bundle(bundle)
-    predictor, routing, limits = b.predictor("cpu", cache_items=16, cache_bytes=1 << 34), b.routing(), Limits()
+    predictor, routing, limits = b.predictor("cpu"), b.routing(), Limits()  # the serving defaults, as Serve's replicas
     transform, draft = preprocessor(b.image_size), eval_draft_size(b.image_size)
     lock, api = th.Lock(), FastAPI()
 

@@ -2,7 +2,7 @@
 specialist (resident + delta), side by side in one run; and (``--accuracy-epochs N``) whether
 bf16 changes accuracy: the same network trained both ways on the synthetic default data.
 
-Measures images/s of ``supersub.train.train_one_epoch`` on synthetic tensors already on the
+Measures images/s of ``supersub.epoch.train_one_epoch`` on synthetic tensors already on the
 device (so the figure is the model's, not the loader's), and prints what ``amp=auto`` and
 ``channels_last=auto`` choose on this machine (bf16 only where the hardware has it natively:
 CUDA, or a CPU with AVX-512 BF16 / AMX)::
@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from supersub.delta import DeltaConfig, PruningSchedule, add_delta, set_train_mode
-from supersub.models import ModelConfig, build_model
-from supersub.train import (
+from supersub.epoch import (
     OptimConfig,
     amp_dtype,
     build_optimizer,
@@ -32,6 +31,7 @@ from supersub.train import (
     native_bf16,
     train_one_epoch,
 )
+from supersub.resnet import ModelConfig, build_model
 
 
 def batches(n: int, batch: int, size: int, classes: int, device: torch.device):

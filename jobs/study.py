@@ -1,6 +1,7 @@
 """A study: pipeline variants × seeds over shared data and tasks, one table of accuracy beside cost.
 
     python -m jobs.study --study jobs/configs/study_default.yaml --out runs/study [--seeds 0,1,2] [key=value ...]
+    python -m jobs.study --study jobs/configs/study_tiny_imagenet.yaml --plan    # the bill, nothing trained
 
 The study file names a base pipeline config and the variants, each a list of ``key=value``
 overrides (or ``{overrides: [...], seeds: [...]}``); ``key=value`` on the command line applies to
@@ -65,12 +66,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="study YAML (config + variants)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (required unless --plan)")
     p.add_argument("--variants", help="comma-separated subset of the variants, in the file's order")
     p.add_argument("--seeds", help="comma-separated seeds for every variant without its own (default: 0)")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="start no new run after this many seconds")
+    p.add_argument("--plan", action="store_true", help="print every run's tasks as jobs.pipeline --plan does, then "
+                   "the study's bill with each task shared by several runs counted once; train nothing")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant (over the variant's own)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.out and not args.plan:
+        p.error("the following arguments are required: --out (or --plan)")
+    return args
 
 
 def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineConfig]], dict[str, Any]]:
@@ -104,10 +110,35 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def print_plan(runs: list[tuple[str, int, PipelineConfig]]) -> None:
+    """Each run's plan, then the study's: a task that several runs share (same folder, and below
+    a learned hierarchy the same spec, as the runs would share it) is billed once."""
+    from supersub.plan import format_plan, make_plan
+    from supersub.stages import BASE
+
+    unique: dict[tuple[str, str], dict[str, Any]] = {}
+    unit = "cpu_hours"
+    for name, seed, cfg in runs:
+        plan = make_plan(cfg, None, log=lambda _: None)
+        print(f"===== {name} seed {seed}\n{format_plan(plan)}\n", flush=True)
+        unit = "gpu_hours" if plan["cluster"]["trains_on_gpus"] else "cpu_hours"
+        for t in plan["tasks"]:
+            # Planned below a learned hierarchy on the built one: its folder alone would merge it
+            # with the same task of a run on the built hierarchy.
+            unique.setdefault((t["folder"], "" if t["stage"] == BASE else cfg.data.hierarchy), t)
+    tasks = list(unique.values())
+    print(f"study: {len(runs)} runs, {len(tasks)} distinct tasks, {sum(t['train_images'] for t in tasks):,} training "
+          f"images, {sum(t[unit] for t in tasks):,.1f} {'GPU' if unit == 'gpu_hours' else 'CPU'}-hours "
+          "(each shared task once; evaluation and start-up not included)", flush=True)
+
+
 def run_study(args: argparse.Namespace) -> int:
-    out = Path(args.out).absolute()
     try:
         runs, info = plan_runs(args)
+        if args.plan:
+            print_plan(runs)
+            return 0
+        out = Path(args.out).absolute()
         for _, _, cfg in runs:
             check_inputs(cfg, out)
     except UserError as e:

@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.space}: overrides must be a list of key=value strings")
         cfg = absolute_paths(load_config(PipelineConfig, config, list(spec.get("overrides") or []) + args.overrides))
         # Scheduler and search settings: one line and exit 2 here, before Ray starts.
-        if cfg.generalist.router_trunk == "joint":
+        if cfg.generalist.router_trunk_mode == "joint":
             raise ConfigError("jobs.tune searches one specialist's delta at a time; generalist.router_trunk=joint trains "
                               "every expert in one task: tune with router_trunk=frozen")
         check_space(spec, cfg.specialist.optim.epochs, args.space)

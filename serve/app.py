@@ -5,12 +5,13 @@
     HTTP ─▶ Ingress[TwoStage]                                        (graph=single, the default)
     HTTP ─▶ Ingress ─────────────▶ TwoStage                          (graph=fused)
             parse, validate,        stage one + routed specialists,
-            decode (budgeted,       one resident network, decoded
-            off the event loop),    deltas in an LRU
+            decode (budgeted,       one resident network, deltas held
+            off the event loop),    packed, decoded per routed group
+            routing resolved once,
             JSON
-    HTTP ─▶ Ingress ─▶ Generalist ─▶ Specialist ×R                   (graph=stages)
-                       stage one,    resident + delta[superclass],
-                       routing       multiplexed, batched
+    HTTP ─▶ Ingress[Generalist] ─────▶ Specialist ×R                 (graph=stages)
+            stage one, routing,          resident + the routed
+            one hop a request            superclasses' deltas, batched
 
 Applications (``serve run serve.app:app bundle=PATH [routing=...] [graph=single|fused|stages] [device=cpu]``,
 or ``python -m serve bundle=PATH ...``, which also drains on SIGTERM):
@@ -23,7 +24,11 @@ or ``python -m serve bundle=PATH ...``, which also drains on SIGTERM):
 
 Every setting is checked when the app is built (``serve run`` fails at once with one line), and
 every model replica runs a forward in its constructor; ``/healthz`` is ok only when every stage
-answers a real forward, else 503.
+answers a real forward, else 503, and says what each stage's replica holds in memory
+(``resident_bytes``: :meth:`supersub.predictor.TwoStagePredictor.resident_bytes` by component,
+with their total). A routing is resolved once, where it enters — the app's at build, a request's
+``?routing=`` in the ingress — into a :class:`supersub.routing.Routing`, which is what the
+model deployments receive.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request,
@@ -31,6 +36,7 @@ answers a real forward, else 503.
 import asyncio
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +54,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.deployments import Generalist, Network, Specialist, TwoStage, check_device
 from serve.drain import DrainWatch
 from serve.images import BadInput, Limits, decode_all, preprocessor, request_images
+from serve.retry import once_more_if_dead
 from serve.schemas import PREDICT_BODY, Health, Prediction, Predictions, Problem
 from supersub.bundle import Bundle, verify_files
 from supersub.data.dataset import eval_draft_size
@@ -73,8 +80,9 @@ class AppArgs(BaseModel):
                                 "explicit one (soft:2@0.7+0.5); default: the one the bundle serves")
     graph: Literal["single", "fused", "stages"] = Field(
         "single", description="single: the model inside the HTTP ingress replica (no handle hop); fused: one model "
-        "deployment behind the ingress (scales apart from decoding); stages: Generalist → Specialist")
-    device: str = Field("cpu", description="torch device of the model replicas")
+        "deployment behind the ingress (scales apart from decoding); stages: stage one in the ingress replica, "
+        "the specialists a deployment of their own (scale apart from stage one)")
+    device: str = Field("cpu", description="torch device of the model replicas (checked where the app is built)")
     replicas: int = Field(2, ge=1, le=64, description="replicas of each deployment of the graph (graph=single: of "
                           "the ingress, which holds the model). 2 by default, so that one may die (crash, kill, node "
                           "loss) while the other answers; 1 saves a replica's memory (~0.9 GB for a small model on "
@@ -85,7 +93,9 @@ class AppArgs(BaseModel):
     max_batch: int = Field(Limits.max_batch, gt=0, description="images per request")
     body_timeout_s: float = Field(Limits.body_timeout_s, gt=0, le=3600, description="the body must arrive within this")
     decode_timeout_s: float = Field(Limits.decode_timeout_s, gt=0, le=3600, description="decoding budget per request")
-    max_deltas: int = Field(16, gt=0, description="decoded deltas kept per model replica (LRU)")
+    max_deltas: int | None = Field(None, gt=0, description="deprecated, no effect: a model replica keeps no decoded "
+                                   "delta (each held packed, about its stored bytes, and decoded for the group "
+                                   "routed to it); accepted so that existing configs still start")
     batch_size: int = Field(16, gt=0, le=1024, description="requests per batch: a model replica runs what queued "
                             "while it was busy, up to this many, in one forward (serve/batching.py)")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="wait this long after a batch's first request for "
@@ -108,23 +118,45 @@ class AppArgs(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        import torch
-
-        try:
-            dev = torch.device(v)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"{v!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"{v!r}: only cpu and cuda devices are served")
-        return v
-
     @property
     def limits(self) -> Limits:
         return Limits(self.max_body_bytes, self.max_pixels, self.max_request_pixels, self.max_batch,
                       self.body_timeout_s, self.decode_timeout_s)
+
+
+class Routings:
+    """The routings an app answers with: its default, the bundle's stored ones by name, and any
+    explicit one the bundle can run. The one resolver of a routing's name or spelling into a
+    :class:`Routing`: at build (the app's) and in the ingress (a request's ``?routing=``)."""
+
+    CACHED = 64  # explicit spellings kept parsed, so a client asking for one each time parses it once
+
+    def __init__(self, default: Routing, stored: dict[str, Routing], num_superclasses: int, stage_one: str) -> None:
+        self.default, self.stored = default, dict(stored)
+        self.num_superclasses, self.stage_one = num_superclasses, stage_one
+        self._parsed: dict[str, Routing] = {}
+
+    @classmethod
+    def of(cls, bundle: Bundle, default: Routing | None = None) -> "Routings":
+        return cls(default or bundle.routing(), bundle.routings, bundle.hierarchy.num_superclasses, bundle.stage_one)
+
+    def resolve(self, spec: str | None) -> Routing:
+        """The routing ``spec`` names: the default (None), a stored one by name, or an explicit
+        routing taken exactly as written (nothing of the bundle's calibration is mixed in);
+        a ValueError saying why when this bundle cannot run it."""
+        if spec is None:
+            return self.check(self.default)
+        if spec in self.stored:
+            return self.check(self.stored[spec], spec)
+        r = self._parsed.get(spec)
+        if r is None:
+            r = self.check(Routing.parse(spec), spec)
+            if len(self._parsed) < self.CACHED:
+                self._parsed[spec] = r
+        return r
+
+    def check(self, r: Routing, spelled: str | None = None) -> Routing:
+        return check_routing(r, self.num_superclasses, self.stage_one, spelled)
 
 
 def check_routing(r: Routing, num_superclasses: int, stage_one: str, spelled: str | None = None) -> Routing:
@@ -141,15 +173,9 @@ def check_routing(r: Routing, num_superclasses: int, stage_one: str, spelled: st
 
 
 def resolve_routing(bundle: Bundle, spec: str | None) -> Routing:
-    """The routing ``spec`` names: the bundle's served one (None), one it stores by name, or an
-    explicit routing, taken exactly as written (nothing of the bundle's calibration is mixed in)."""
-    if spec is None:
-        r = bundle.routing()
-    elif spec in bundle.routings:
-        r = bundle.routings[spec]
-    else:
-        r = Routing.parse(spec)
-    return check_routing(r, bundle.hierarchy.num_superclasses, bundle.stage_one, spec)
+    """The routing ``spec`` names for this bundle (:meth:`Routings.resolve`): its served one
+    (None), one it stores by name, or an explicit one."""
+    return Routings.of(bundle).resolve(spec)
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -185,8 +211,9 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 class _InProcess:
-    """A model deployment's class run inside the ingress replica, called the way a handle is
-    (``model.predict.remote(...)`` is awaited): the same code path, without the hop."""
+    """A model class (a deployment's, or :class:`Generalist`) run inside the ingress replica,
+    called the way a handle is (``model.predict.remote(...)`` is awaited): the same code path,
+    without the hop."""
 
     class _Method:
         def __init__(self, fn: Any) -> None:
@@ -196,7 +223,7 @@ class _InProcess:
             return self.fn(*args)  # a coroutine, awaited like a DeploymentResponse
 
     def __init__(self, deployment: Any, *args: Any) -> None:
-        obj = deployment.func_or_class(*args)
+        obj = getattr(deployment, "func_or_class", deployment)(*args)
         self.predict, self.health = self._Method(obj.predict), self._Method(obj.health)
 
 
@@ -241,14 +268,14 @@ class Ingress:
     """HTTP: request parsing and validation, decoding, preprocessing, the JSON answer."""
 
     def __init__(self, model: DeploymentHandle | tuple, info: dict[str, Any], limits: Limits,
-                 drain: str | None = None) -> None:
-        # graph=single: (deployment, its arguments), built here and called without a hop.
+                 drain: str | None = None, routings: Routings | None = None) -> None:
+        # graph=single and stages: (model class, its arguments), built here and called without a hop.
         self.model = _InProcess(model[0], *model[1:]) if isinstance(model, tuple) else model
         self.info, self.limits = info, limits
         self.drain = DrainWatch(drain, lambda: InFlight.count) if drain else None
         h = Hierarchy.from_dict(info["hierarchy"])
         self.supers, self.subs, self.num_subclasses = h.superclasses, h.subclasses, h.num_subclasses
-        self.routings: dict[str, str] = info.get("routings") or {}
+        self.routings = routings  # None: one network, no routing
         self.transform = preprocessor(info["image_size"])
         self.draft_size = eval_draft_size(info["image_size"])
 
@@ -259,11 +286,11 @@ class Ingress:
         if self._is_draining():
             return _draining(InFlight.count)
         try:
-            await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
+            held = await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of a stage means not healthy
             return _unavailable(type(e).__name__)
         return {"status": "ok", **{k: v for k, v in self.info.items() if k != "hierarchy"},
-                "superclasses": len(self.supers), "subclasses": self.num_subclasses}
+                "superclasses": len(self.supers), "subclasses": self.num_subclasses, "resident_bytes": held}
 
     @api.get("/hierarchy")
     async def hierarchy(self) -> dict[str, Any]:
@@ -279,23 +306,22 @@ class Ingress:
         began are still answered (/healthz says 503 from the start)."""
         return self.drain is not None and self.drain.refusing()
 
-    def _routing(self, request: Request) -> str | None:
+    def _routing(self, request: Request) -> Routing | None:
+        """The request's routing, resolved here once (the model deployments get the object)."""
         unknown = sorted(set(request.query_params) - _QUERY)
         if unknown:
             raise BadInput(422, f"unknown query parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_QUERY))}")
         asked = request.query_params.get("routing")
         if asked is not None:  # an unencoded "+" in a query string arrives as a space
             asked = asked.strip().replace(" ", "+")
-        if asked is None or self.info["app"] != "two-stage":
+        if self.routings is None:
             if asked is not None:
                 raise BadInput(422, "this app has one network: it takes no routing")
-            return self.info.get("routing")
+            return None
         try:
-            r = check_routing(Routing.parse(self.routings.get(asked, asked)), len(self.supers), self.info["stage_one"],
-                              asked)
+            return self.routings.resolve(asked)
         except ValueError as e:
-            raise BadInput(422, f"{e}; stored routings: {', '.join(self.routings)}") from None
-        return str(r)
+            raise BadInput(422, f"{e}; stored routings: {', '.join(self.routings.stored)}") from None
 
     @api.post(
         "/predict",
@@ -321,13 +347,7 @@ class Ingress:
         images, batch = await request_images(request, self.limits)
         x, decode_ms = await run_in_threadpool(decode_all, images, self.limits, self.draft_size, self.transform)
         try:
-            try:
-                out = await self.model.predict.remote(x, chosen)
-            except RayActorError:
-                # The model replica died under this request (crash, node loss, kill). A prediction
-                # is pure, so once more — Serve routes it to a live replica — as Generalist does
-                # for its specialists: a restart costs latency, not an answer. Twice is real: 503.
-                out = await self.model.predict.remote(x, chosen)
+            out = await once_more_if_dead(lambda: self.model.predict.remote(x, chosen))
         except _UNAVAILABLE as e:
             return _unavailable(type(e).__name__)
         total = (time.perf_counter() - t0) * 1000
@@ -337,7 +357,7 @@ class Ingress:
         ]
         return {"predictions": preds} if batch else preds[0]
 
-    def _answer(self, fine: list[float], sup: list[float], k: int, routing: str | None,
+    def _answer(self, fine: list[float], sup: list[float], k: int, routing: Routing | None,
                 timing: dict[str, float]) -> dict[str, Any]:
         s = max(range(len(sup)), key=sup.__getitem__)
         order = sorted(range(len(fine)), key=fine.__getitem__, reverse=True)[: min(k, len(fine))]
@@ -346,7 +366,7 @@ class Ingress:
             "superclass": {"index": s, "id": self.supers[s].id, "name": self.supers[s].name, "probability": sup[s]},
             "subclass": {"index": f, "id": self.subs[f].id, "name": self.subs[f].name, "probability": fine[f]},
             "top_k": [{"id": self.subs[i].id, "name": self.subs[i].name, "probability": fine[i]} for i in order],
-            "routing": routing or "vanilla",
+            "routing": "vanilla" if routing is None else str(routing),
             "timing_ms": timing,
         }
 
@@ -373,8 +393,10 @@ def _open(args: dict[str, Any]) -> tuple[AppArgs, Bundle]:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "arguments"
         raise ValueError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
-    if a.device != "cpu":
-        check_device(a.device)
+    check_device(a.device)  # here, where the app is built: a device the replicas cannot have fails at once
+    if a.max_deltas is not None:
+        warnings.warn("max_deltas has no effect: replicas keep no decoded deltas (each is held packed and decoded "
+                      "for the images routed to it)", FutureWarning, stacklevel=2)
     bundle = open_bundle(a.bundle, cache=a.bundle_cache)
     verify_files(bundle)  # every file read, hashed and parsed: a bad one fails here, not in a replica
     return a, bundle
@@ -394,7 +416,8 @@ def replica_source(a: AppArgs, bundle: Bundle) -> str | ShippedBundle:
 
 
 def app(args: dict[str, Any]) -> Application:
-    """The two-stage application: Ingress → TwoStage (fused) or Ingress → Generalist → Specialist."""
+    """The two-stage application: the model in the Ingress (single), Ingress → TwoStage (fused),
+    or stage one in the Ingress → Specialist (stages)."""
     a, bundle = _open(args)
     try:
         routing = resolve_routing(bundle, a.routing)
@@ -403,14 +426,13 @@ def app(args: dict[str, Any]) -> Application:
     info = _info("two-stage", a.bundle, bundle, routing)
     n, source = a.replicas, replica_source(a, bundle)
     if a.graph == "single":
-        model = (TwoStage, source, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+        model = (TwoStage, source, a.device, a.batch_size, a.batch_wait_ms)
     elif a.graph == "fused":
-        model = TwoStage.options(num_replicas=n).bind(source, a.device, a.max_deltas, a.batch_size, a.batch_wait_ms)
+        model = TwoStage.options(num_replicas=n).bind(source, a.device, a.batch_size, a.batch_wait_ms)
     else:
-        specialist = Specialist.options(num_replicas=n).bind(source, a.device, a.max_deltas, a.batch_size,
-                                                             a.batch_wait_ms)
-        model = Generalist.options(num_replicas=n).bind(specialist, source, a.device, a.batch_size, a.batch_wait_ms)
-    return Ingress.options(num_replicas=n).bind(model, info, a.limits, a.drain)
+        specialist = Specialist.options(num_replicas=n).bind(source, a.device, a.batch_size, a.batch_wait_ms)
+        model = (Generalist, specialist, source, a.device, a.batch_size, a.batch_wait_ms)
+    return Ingress.options(num_replicas=n).bind(model, info, a.limits, a.drain, Routings.of(bundle, routing))
 
 
 def vanilla_app(args: dict[str, Any]) -> Application:

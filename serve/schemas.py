@@ -46,6 +46,11 @@ class Health(BaseModel):
     superclasses: int
     subclasses: int
     image_size: int
+    resident_bytes: dict[str, dict[str, int]] = Field(
+        description="what the replica that answered for each model stage (model: the two-stage model; generalist "
+        "and specialist: the per-stage graph; network: the single-network app) holds in memory apart from "
+        "activations, in bytes by component — network, router, deltas (held packed), decoded_cache, "
+        "decode_working_set (the most one routed group's decode holds at once) — and their total")
 
 
 class Problem(BaseModel):

@@ -42,10 +42,10 @@ from supersub.config import from_dict, to_dict
 from supersub.delta import DeltaConfig, PackedDelta
 from supersub.errors import BundleError
 from supersub.hierarchy import Hierarchy, HierarchyError
-from supersub.models import ResNet, state_bytes
 from supersub.networks import NetworkSpec, load_state, save_weights, sha256_file
-from supersub.router import ROUTER_FILE, RouterSpec, TrunkRouter
+from supersub.resnet import ResNet, state_bytes
 from supersub.routing import Routing
+from supersub.trunk_router import ROUTER_FILE, RouterSpec, TrunkRouter
 
 FORMAT_VERSION = 2
 KIND = "supersub.bundle"

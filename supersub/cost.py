@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from supersub.models import BACKBONES, STAGES, ModelConfig, ResNet, build_model
+from supersub.resnet import BACKBONES, STAGES, ModelConfig, ResNet, build_model
 
 
 def count_flops(fn: Callable[[], object]) -> int:

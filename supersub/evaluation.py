@@ -13,23 +13,30 @@ is then a recombination of those numbers, so calibration on ``val`` costs one pa
   the same interleaved rounds (:func:`supersub.cost.interleaved`): the median of the per-round
   ratios, ``None`` when the measurement cannot be right — a two-stage model faster than its own
   stage one, a network far from the same architecture's time, rounds spread too wide — with the
-  measured value, spread and reason under ``latency`` and the load average in ``evaluation``;
+  measured value, spread and reason under ``latency`` and the load average in ``evaluation``.
+  Controls added after the evaluation (:meth:`Evaluation.add_network_controls`) are timed in
+  rounds of their own, interleaved with the vanilla forward again: still a ratio to the vanilla
+  network measured in the same rounds as it;
 * ``delta_vs_vanilla`` — top-1 difference to the vanilla network with a paired bootstrap 95 %
   interval over the test images.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from supersub import atomic
 from supersub.cost import interleaved, load_average, network_flops, pass_flops, ratio, two_stage_flops
 from supersub.data.loaders import LoaderSpec, make_loader
+from supersub.delta import PackedDelta
+from supersub.epoch import predict_logits
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import (
     classification_metrics,
@@ -37,9 +44,9 @@ from supersub.metrics import (
     severity_matrix,
     within_superclass_accuracy,
 )
-from supersub.models import state_bytes
-from supersub.networks import load_network
+from supersub.networks import NetworkSpec, load_network
 from supersub.predictor import TwoStagePredictor
+from supersub.resnet import ResNet, state_bytes
 from supersub.routing import (
     FAMILIES,
     HARD,
@@ -55,7 +62,7 @@ from supersub.routing import (
 )
 from supersub.stats import paired_bootstrap
 from supersub.tasks import load_packed, load_router
-from supersub.train import predict_logits
+from supersub.trunk_router import RouterSpec, TrunkRouter
 
 
 # ----------------------------------------------------------------------------- passes
@@ -99,7 +106,7 @@ class EvaluationInputs:
 
     manifest_dir: str
     image_size: int
-    resident: str  # vanilla | generalist
+    resident: Literal["generalist", "vanilla"]  # as bundles and the predictor name it
     resident_dir: str
     vanilla_dir: str
     specialist_dirs: list[str]  # index = superclass
@@ -110,6 +117,11 @@ class EvaluationInputs:
     loader: str = "auto"
     num_workers: int = 2
     cache_dir: str | None = None
+
+    @property
+    def has_generalist(self) -> bool:
+        """Stage one is a superclass network of its own, not the vanilla network."""
+        return self.resident == "generalist"
 
 
 def _train_images(folder: str | None) -> int:
@@ -135,15 +147,155 @@ def served_routing(spec: str, chosen: dict[str, Routing]) -> tuple[str, Routing]
     return name, r
 
 
+# ----------------------------------------------------------------------------- what it loads
+class Networks:
+    """The run's plain networks on the device, each read from its folder once (by folder and
+    class order), whichever rows, predictors and bundle files use it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._loaded: dict[tuple[str, tuple[str, ...]], tuple[ResNet, NetworkSpec]] = {}
+
+    def get(self, folder: str, order: list[str]) -> tuple[ResNet, NetworkSpec]:
+        key = (str(folder), tuple(order))
+        if key not in self._loaded:
+            model, spec, _ = load_network(folder, order)
+            self._loaded[key] = (model.to(self.device), spec)
+        return self._loaded[key]
+
+
+@dataclass
+class LoadedModels:
+    """What an evaluation loaded, each once: the bundle is written from these, and rows added
+    later (:meth:`Evaluation.add_network_controls`) reuse them."""
+
+    networks: Networks
+    resident: tuple[ResNet, NetworkSpec]
+    vanilla: tuple[ResNet, NetworkSpec]
+    deltas: dict[int, PackedDelta]  # by superclass
+    router: tuple[TrunkRouter, RouterSpec] | None
+
+
+@dataclass
+class Probe:
+    """What rows added after the first pass are measured with, as the first pass measured: the
+    test loader, the latency batch, the vanilla network's FLOPs and bytes."""
+
+    inputs: EvaluationInputs
+    hierarchy: Hierarchy
+    device: torch.device
+    loader: Callable[[str], Any]  # split -> loader
+    test_split: str
+    x1: torch.Tensor  # one serving-sized test batch for latency
+    net_flops: int
+    vanilla_bytes: int
+    bootstrap: int
+    latency: bool
+
+
+# ----------------------------------------------------------------------------- the result
+@dataclass
+class Evaluation:
+    """A run's evaluation: every model's test metrics and costs (:meth:`metrics`: JSON), the
+    test probabilities behind them (:attr:`probs`, for predictions.parquet), and the models it
+    loaded (:attr:`loaded`, for the bundle). Rows are ordered vanilla, the network controls, then
+    the rest, however late a control was added."""
+
+    test_split: str
+    labels: torch.Tensor
+    probs: dict[str, torch.Tensor]
+    models: dict[str, dict[str, Any]]
+    per_superclass: dict[str, list[float]]
+    routing: dict[str, str]  # family -> compact routing
+    serves: dict[str, str]  # {"model", "routing"}
+    flops: dict[str, int]
+    settings: dict[str, Any]  # batch size, superclasses run an image, amp, latency rounds: how to repeat it
+    timings: dict[str, Any]
+    loaded: LoadedModels
+    network_rows: list[str]  # vanilla and the network controls, in order
+    probe: Probe = field(repr=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON part: what metrics.json holds of the evaluation."""
+        return {"test_split": self.test_split, "models": self.models, "routing": self.routing, "serves": self.serves,
+                "per_superclass": self.per_superclass, "flops": self.flops, "evaluation": self.settings,
+                "timings": self.timings}
+
+    def add_network_controls(self, dirs: dict[str, list[str]]) -> None:
+        """Evaluates network controls trained after this evaluation (each name: its members'
+        folders, averaged) and merges their rows in; names it has already are left as they are,
+        and nothing else is evaluated again. Their
+        latency ratios are to the vanilla forward as every other row's, timed in rounds of their
+        own that interleave them with the vanilla forward (``settings["latency"]["own_rounds"]``)."""
+        new = {name: d for name, d in dirs.items() if name not in self.models}
+        if not new:
+            return
+        p = self.probe
+        probs, costs, timers = network_rows(p, self.loaded.networks, new, self.probs["vanilla"], self.loaded.vanilla[0])
+        if p.latency:
+            vanilla = self.loaded.vanilla[0]
+            timing = time_models({"vanilla": (lambda: _forward(vanilla, p.x1), {}), **timers},
+                                 {"vanilla": {}, **costs}, p.device)
+            latency = self.settings["latency"]
+            latency["unreliable"].update(timing["unreliable"])
+            latency.setdefault("own_rounds", []).append(
+                {"models": list(new), "rounds": timing["rounds"], "load_average": timing["load_average"]})
+        models, per_super = score_rows(probs, self.probs["vanilla"], self.labels, self.hierarchy, None, p.bootstrap)
+        for name, m in models.items():
+            m.update(costs[name])
+            m["flops_ratio"] = m["flops_per_image"] / p.net_flops
+        self.probs.update(probs)
+        self.models.update(models)
+        self.per_superclass.update(per_super)
+        self.network_rows += list(new)
+        self._order()
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return self.probe.hierarchy
+
+    def _order(self) -> None:
+        names = self.network_rows + [n for n in self.probs if n not in self.network_rows]
+        self.probs = {n: self.probs[n] for n in names}
+        self.models = {n: self.models[n] for n in [*names, *(n for n in self.models if n not in names)]}
+        within = [k for n in names for k in (n, f"{n}_within") if k in self.per_superclass]
+        self.per_superclass = {k: self.per_superclass[k] for k in within}
+
+
+def network_rows(probe: Probe, networks: Networks, dirs: dict[str, list[str]], vanilla_probs: torch.Tensor,
+                 vanilla: ResNet) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Test probabilities, costs and latency timers of network controls (name -> the folders of
+    its members, averaged); a member that is the vanilla network is the one already evaluated."""
+    inputs, device, order = probe.inputs, probe.device, probe.hierarchy.subclass_ids
+    probs, costs, timers = {}, {}, {}
+    for name, folders in dirs.items():
+        nets = [vanilla if d == inputs.vanilla_dir else networks.get(d, order)[0] for d in folders]
+        probs[name] = torch.stack([vanilla_probs if d == inputs.vanilla_dir else
+                                   network_probs(n, probe.loader(probe.test_split), device)
+                                   for n, d in zip(nets, folders)]).mean(0)
+        flops = sum(network_flops(n, inputs.image_size, device) for n in nets)
+        costs[name] = {"bytes_in_networks": sum(state_bytes(n) for n in nets) / probe.vanilla_bytes,
+                       "train_images": sum(_train_images(d) for d in folders), "flops_per_image": flops,
+                       "latency_ratio": None}
+        # Networks of the vanilla network's architecture (vanilla_long, the ensemble's members)
+        # cost what it does, each: a ratio far from their count is a measurement error.
+        same = flops == len(nets) * probe.net_flops
+        timers[name] = (lambda nets=nets: [_forward(n, probe.x1) for n in nets], {"near": len(nets)} if same else {})
+        if name == "ensemble":
+            costs[name]["members"] = len(nets)
+    return probs, costs, timers
+
+
 # ----------------------------------------------------------------------------- the run
 def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, device: torch.device, amp,
-                 evaluation, log=print) -> dict[str, Any]:
-    """Calibrates routing on val, evaluates every model on test; returns the metrics plus the
-    per-model test probabilities (``probs``), labels and the objects the bundle needs."""
+                 evaluation, log=print) -> Evaluation:
+    """Calibrates routing on val, evaluates every model on test with its cost; every network and
+    delta is read once (the vanilla network is the resident's same object when it is the resident)."""
     h = hierarchy
     order = h.subclass_ids
-    own = inputs.resident == "generalist"
-    resident, resident_spec, _ = load_network(inputs.resident_dir, h.superclass_ids if own else order)
+    own = inputs.has_generalist
+    networks = Networks(device)
+    resident, resident_spec = networks.get(inputs.resident_dir, h.superclass_ids if own else order)
     deltas = {s: load_packed(d) for s, d in enumerate(inputs.specialist_dirs)}
     test_split = "test" if manifest.counts().get("test", 0) else "val"
 
@@ -167,35 +319,26 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     out, oracle, labels = collect(predictor, loader(test_split), top)
 
     # ---- the networks: vanilla and the baselines, on val (for pooling) and test
-    vanilla, _, _ = load_network(inputs.vanilla_dir, order)
-    vanilla = vanilla.to(device)
+    vanilla, vanilla_spec = networks.get(inputs.vanilla_dir, order)
     probs: dict[str, torch.Tensor] = {"vanilla": network_probs(vanilla, loader(test_split), device)}
-    vanilla_bytes = state_bytes(vanilla)
-    costs: dict[str, dict[str, Any]] = {}
     x1 = next(iter(loader(test_split)))[0][:64].to(device)  # one serving-sized batch for latency
-    net_flops = network_flops(vanilla, inputs.image_size, device)
+    probe = Probe(inputs, h, device, loader, test_split, x1, network_flops(vanilla, inputs.image_size, device),
+                   state_bytes(vanilla), evaluation.bootstrap, evaluation.latency)
+    net_flops, vanilla_bytes = probe.net_flops, probe.vanilla_bytes
     # What each model's latency is timed on (all at the end, interleaved) and what its work allows:
     # model -> (one call on x1, {"near"|"at_least": ratio to vanilla, "contains": a timed part}).
     timers: dict[str, tuple[Any, dict[str, Any]]] = {"vanilla": (lambda: _forward(vanilla, x1), {})}
-    costs["vanilla"] = {"bytes_in_networks": 1.0, "train_images": _train_images(inputs.vanilla_dir),
-                        "flops_per_image": net_flops, "latency_ratio": None}
-    for name, dirs in inputs.baseline_dirs.items():
-        nets = [load_network(d, order)[0].to(device) for d in dirs]
-        probs[name] = torch.stack([network_probs(n, loader(test_split), device) for n in nets]).mean(0)
-        flops = sum(network_flops(n, inputs.image_size, device) for n in nets)
-        costs[name] = {"bytes_in_networks": sum(state_bytes(n) for n in nets) / vanilla_bytes,
-                       "train_images": sum(_train_images(d) for d in dirs), "flops_per_image": flops,
-                       "latency_ratio": None}
-        # Networks of the vanilla network's architecture (vanilla_long, the ensemble's members)
-        # cost what it does, each: a ratio far from their count is a measurement error.
-        same = flops == len(nets) * net_flops
-        timers[name] = (lambda nets=nets: [_forward(n, x1) for n in nets], {"near": len(nets)} if same else {})
-        if name == "ensemble":
-            costs[name]["members"] = len(nets)
+    costs: dict[str, dict[str, Any]] = {
+        "vanilla": {"bytes_in_networks": 1.0, "train_images": _train_images(inputs.vanilla_dir),
+                    "flops_per_image": net_flops, "latency_ratio": None}}
+    rows = network_rows(probe, networks, inputs.baseline_dirs, probs["vanilla"], vanilla)
+    for into, part in zip((probs, costs, timers), rows):
+        into.update(part)
 
     if inputs.delta_all_dir:  # one delta over all classes, pooled with the vanilla network like the two-stage model
-        all_pred = TwoStagePredictor(vanilla, _one_superclass(h), {0: load_packed(inputs.delta_all_dir)}, "vanilla",
-                                     device, amp=amp, cache_bytes=1 << 30)
+        delta_all = load_packed(inputs.delta_all_dir)
+        all_pred = TwoStagePredictor(_own_base(vanilla, predictor, delta_all), _one_superclass(h), {0: delta_all},
+                                     "vanilla", device, amp=amp, cache_bytes=1 << 30)
         p_test = _delta_all_probs(all_pred, loader(test_split))
         alpha = 0.0
         if test_split == "test":
@@ -204,7 +347,7 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
             alpha = choose_alpha(p_val, v_val, val_labels)
         probs["delta_all"] = p_test
         probs["delta_all_pooled"] = pool(p_test, probs["vanilla"], alpha)
-        d_bytes = load_packed(inputs.delta_all_dir).nbytes / vanilla_bytes
+        d_bytes = delta_all.nbytes / vanilla_bytes
         one_pass = pass_flops(vanilla, all_pred.first_stage, inputs.image_size, device)
         trained = costs["vanilla"]["train_images"] + _train_images(inputs.delta_all_dir)
         # Pooled: the vanilla forward and a delta pass, so never faster than the vanilla network.
@@ -243,7 +386,7 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
                                  "specialist_passes_per_image": 1.0, "flops_per_image": stage1_flops + one_pass,
                                  "latency_ratio": None}
     if own:  # the generalist alone: superclass accuracy
-        gen_probs = network_probs(resident.to(device), loader(test_split), device)
+        gen_probs = network_probs(resident, loader(test_split), device)
 
     timing = time_models(timers, costs, device) if evaluation.latency else None
 
@@ -256,23 +399,24 @@ def evaluate_run(inputs: EvaluationInputs, hierarchy: Hierarchy, manifest, devic
     if own:
         true_super = torch.tensor(h.fine_to_coarse)[labels]
         models["generalist"] = {"superclass_acc": 100.0 * gen_probs.argmax(1).eq(true_super).float().mean().item()}
-    return {
-        "test_split": test_split,
-        "models": models,
-        "routing": {f: str(r) for f, r in chosen.items()},
-        "serves": {"model": served_name, "routing": str(served)},
-        "per_superclass": per_super,
-        "flops": {"network": net_flops, "stage1": stage1_flops, "specialist_pass": one_pass},
-        "evaluation": {"batch_size": evaluation.batch_size, "top": top, "amp": str(amp) if amp else None,
-                       "latency": timing},
-        "timings": dict(predictor.timings),
-        # for the caller: predictions, the bundle
-        "labels": labels,
-        "probs": probs,
-        "_resident": (resident, resident_spec),
-        "_router": router,
-        "_deltas": deltas,
-    }
+    return Evaluation(
+        test_split=test_split, labels=labels, probs=probs, models=models, per_superclass=per_super,
+        routing={f: str(r) for f, r in chosen.items()}, serves={"model": served_name, "routing": str(served)},
+        flops={"network": net_flops, "stage1": stage1_flops, "specialist_pass": one_pass},
+        settings={"batch_size": evaluation.batch_size, "top": top, "amp": str(amp) if amp else None, "latency": timing},
+        timings=dict(predictor.timings),
+        loaded=LoadedModels(networks, (resident, resident_spec), (vanilla, vanilla_spec), deltas, router),
+        network_rows=["vanilla", *inputs.baseline_dirs], probe=probe,
+    )
+
+
+def _own_base(vanilla: ResNet, predictor: TwoStagePredictor, delta: PackedDelta) -> ResNet:
+    """The network the ``delta_all`` predictor patches: the vanilla network itself, unless it is
+    the two-stage predictor's resident laid out for other delta layers (two predictors on one
+    network must patch the same weights), then a copy of it in memory."""
+    if vanilla is not predictor.base or set(delta.meta["layers"]) == set(predictor.layout.slots):
+        return vanilla
+    return copy.deepcopy(vanilla)
 
 
 def time_models(timers: dict[str, tuple[Any, dict[str, Any]]], costs: dict[str, dict[str, Any]], device,
@@ -307,8 +451,18 @@ def score_models(probs: dict[str, torch.Tensor], labels: torch.Tensor, h: Hierar
     """Metrics of every model's test probabilities (two-stage models with their stage-one
     superclass accuracy), each model's top-1 difference to ``vanilla`` with its paired bootstrap
     interval, and per-superclass accuracies."""
+    models, per_super = score_rows(probs, probs["vanilla"], labels, h, out, bootstrap)
+    true_super = torch.tensor(h.fine_to_coarse)[labels]
+    models["stage1"] = {"superclass_acc": 100.0 * out.super_probs.argmax(1).eq(true_super).float().mean().item()}
+    return models, per_super
+
+
+def score_rows(probs: dict[str, torch.Tensor], vanilla: torch.Tensor, labels: torch.Tensor, h: Hierarchy,
+               out: StageOutputs | None, bootstrap: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """:func:`score_models` for the rows in ``probs`` alone, each against the vanilla network's
+    test probabilities ``vanilla`` (``out``: stage one's outputs, for two-stage rows)."""
     sev = severity_matrix(h)
-    correct_vanilla = probs["vanilla"].argmax(1).eq(labels).numpy()
+    correct_vanilla = vanilla.argmax(1).eq(labels).numpy()
     models, per_super = {}, {}
     for name, p in probs.items():
         two_stage = name.startswith("two_stage") and name != "two_stage_oracle"
@@ -319,8 +473,6 @@ def score_models(probs: dict[str, torch.Tensor], labels: torch.Tensor, h: Hierar
         per_super[name] = per_superclass_accuracy(p, labels, h)
         if not name.startswith("two_stage"):
             per_super[f"{name}_within"] = within_superclass_accuracy(p, labels, h)
-    true_super = torch.tensor(h.fine_to_coarse)[labels]
-    models["stage1"] = {"superclass_acc": 100.0 * out.super_probs.argmax(1).eq(true_super).float().mean().item()}
     return models, per_super
 
 

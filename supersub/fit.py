@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from supersub.train import (
+from supersub.epoch import (
     OptimConfig,
     build_optimizer,
     build_scheduler,

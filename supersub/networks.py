@@ -22,7 +22,7 @@ from torch import nn
 
 from supersub.atomic import atomic_path, sha256_file, write_text
 from supersub.config import from_dict, to_dict
-from supersub.models import ModelConfig, ResNet, build_model
+from supersub.resnet import ModelConfig, ResNet, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "network.json"

@@ -1,12 +1,12 @@
 """The whole Super-Sub pipeline, independent of where its tasks run: data, then the stages of
 :mod:`supersub.stages` in turn, then evaluation, the controls sized by the served model's FLOPs
-(and evaluation again), and the outputs.
+(evaluated alone and merged in), and the outputs.
 
     data (manifest, opened once and carried)
       → the stages (:class:`supersub.stages.PipelineTasks`), each run before the next is built
       → evaluation: calibrate routing on val, every model on test with its cost
-        [→ FLOPs-matched controls → evaluation again]
-      → bundle/, metrics.json, predictions.parquet, report/
+        [→ FLOPs-matched controls → their rows alone, merged into the evaluation]
+      → bundle/, metrics.json, predictions.parquet, report/ (written once, from the evaluation)
 
 Each stage is a list of tasks (:mod:`supersub.tasks`) handed to a runner (:mod:`supersub.runner`);
 a task's folder is named by its fingerprint, so a rerun with the same ``--out`` reuses exactly
@@ -26,7 +26,8 @@ from supersub.bundle import write_bundle
 from supersub.config import ConfigError, save_config, to_dict
 from supersub.data import Manifest, load_manifest
 from supersub.data.manifest import check_manifest
-from supersub.evaluation import EvaluationInputs, evaluate_run, save_predictions
+from supersub.epoch import amp_dtype, pick_device
+from supersub.evaluation import Evaluation, EvaluationInputs, evaluate_run, save_predictions
 from supersub.networks import network_hash
 from supersub.pipeline_config import PipelineConfig
 from supersub.runner import LocalRunner, NullTracker, Runner, Tracker, remove_leftovers, run_tasks
@@ -39,11 +40,10 @@ from supersub.stages import (
     specialist_tasks,
 )
 from supersub.tasks import DataOptions, JointTask, LearnedHierarchyTask, Task, digest, expert_dir
-from supersub.train import amp_dtype, pick_device
 
 __all__ = [  # the task constructors and ensemble_size too: jobs, tests and benchmarks build single tasks
     "check_inputs", "data_options", "ensemble_size", "evaluate", "format_summary", "network_task", "open_data",
-    "prepare_data", "run_pipeline", "specialist_task", "specialist_tasks", "train_base_networks",
+    "prepare_data", "run_pipeline", "specialist_task", "specialist_tasks", "train_base_networks", "write_outputs",
 ]
 
 
@@ -53,7 +53,7 @@ def data_spec(cfg: PipelineConfig) -> dict[str, Any]:
     spec = {k: v for k, v in to_dict(cfg.data).items()
             if k not in ("loader", "num_workers", "cache_dir", "decode", "learned_from", "learned_min_size",
                          "manifest")}
-    spec["hierarchy"] = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    spec["hierarchy"] = cfg.data.hierarchy_spec.build
     return spec
 
 
@@ -188,11 +188,12 @@ def run_pipeline(
             "controls")
 
     log("== evaluation")
-    metrics = evaluate(cfg, out, tasks, log)
-    late = tasks.flops_matched(metrics["models"][metrics["serves"]["model"]]["flops_ratio"])
+    evaluation = evaluate(cfg, tasks, log)
+    late = tasks.flops_matched(evaluation.models[evaluation.serves["model"]]["flops_ratio"])
     if late is not None:
         run_stage(late, runner, cfg, log)
-        metrics = evaluate(cfg, out, tasks, log)
+        evaluation.add_network_controls({name: [t.out_dir for t in ts] for name, ts in tasks.controls.items()})
+    metrics = write_outputs(cfg, out, tasks, evaluation)
     metrics["wall_seconds"] = time.perf_counter() - t0
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     log(format_summary(metrics))
@@ -207,41 +208,47 @@ def run_pipeline(
     return metrics
 
 
-def evaluate(cfg: PipelineConfig, out: Path, tasks: PipelineTasks, log=print) -> dict[str, Any]:
-    """Evaluates the run's models, writes predictions.parquet and bundle/; returns the metrics."""
+def specialist_outputs(tasks: PipelineTasks) -> tuple[list[str], list[dict[str, Any]]]:
+    """The specialists' folders (index = superclass) and results: the joint task's experts, or
+    the specialist tasks'."""
+    router, h = tasks.router, tasks.hierarchy
+    if isinstance(router, JointTask):
+        return [expert_dir(router.out_dir, s) for s in range(h.num_superclasses)], router.result()["specialists"]
+    return [t.out_dir for t in tasks.specialists], [t.result() for t in tasks.specialists]
+
+
+def evaluate(cfg: PipelineConfig, tasks: PipelineTasks, log=print) -> Evaluation:
+    """Every model of the run's stages so far on test, with its cost (nothing written)."""
     device = pick_device(cfg.device)
-    manifest, router, specialists = tasks.manifest, tasks.router, tasks.specialists
-    h = manifest.hierarchy
+    router = tasks.router
     joint = isinstance(router, JointTask)  # the experts, and the resident they share, are its outputs
-    if joint:
-        specialist_dirs = [expert_dir(router.out_dir, s) for s in range(h.num_superclasses)]
-        specialist_results = router.result()["specialists"]
-    else:
-        specialist_dirs, specialist_results = [t.out_dir for t in specialists], [t.result() for t in specialists]
     inputs = EvaluationInputs(
-        manifest_dir=tasks.data.manifest_dir, image_size=cfg.data.image_size,
-        resident="generalist" if cfg.generalist.kind == "own" else "vanilla",
-        specialists_use_vanilla=any(t.inputs.get("vanilla") or t.init_dir for t in specialists),
+        manifest_dir=tasks.data.manifest_dir, image_size=cfg.data.image_size, resident=cfg.generalist.resident,
+        specialists_use_vanilla=any(t.inputs.get("vanilla") or t.init_dir for t in tasks.specialists),
         resident_dir=router.out_dir if joint else tasks.resident_dir, vanilla_dir=tasks.vanilla.out_dir,
-        specialist_dirs=specialist_dirs,
+        specialist_dirs=specialist_outputs(tasks)[0],
         baseline_dirs={k: [t.out_dir for t in ts] for k, ts in tasks.controls.items()},
         delta_all_dir=tasks.delta_all.out_dir if tasks.delta_all else None, loader=tasks.data.loader,
         num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir, router_dir=router.out_dir if router else None,
     )
-    result = evaluate_run(inputs, h, manifest, device, amp_dtype(cfg.train, device), cfg.evaluation, log)
-    uris = [manifest.uris[i] for i in manifest.indices(result["test_split"])]
-    save_predictions(out / "predictions.parquet", uris, result["labels"], result["probs"], h)
-    resident, resident_spec = result["_resident"]
-    baselines = {}
-    if cfg.generalist.kind == "own":  # the vanilla app serves it; a vanilla resident is the bundle's base
-        from supersub.networks import load_network
+    return evaluate_run(inputs, tasks.hierarchy, tasks.manifest, device, amp_dtype(cfg.train, device), cfg.evaluation,
+                        log)
 
-        vanilla, vspec, _ = load_network(tasks.vanilla.out_dir, h.subclass_ids)
-        baselines["vanilla"] = (vanilla, vspec)
+
+def write_outputs(cfg: PipelineConfig, out: Path, tasks: PipelineTasks, evaluation: Evaluation) -> dict[str, Any]:
+    """predictions.parquet and bundle/, from the evaluation and the models it loaded; returns
+    the metrics (metrics.json but for the run's wall time)."""
+    manifest, h, loaded = tasks.manifest, tasks.hierarchy, evaluation.loaded
+    uris = [manifest.uris[i] for i in manifest.indices(evaluation.test_split)]
+    save_predictions(out / "predictions.parquet", uris, evaluation.labels, evaluation.probs, h)
+    # The vanilla app serves the vanilla network: a vanilla resident is the bundle's base, a
+    # generalist's bundle carries it beside.
+    baselines = {"vanilla": loaded.vanilla} if cfg.generalist.has_own_network else {}
+    result = evaluation.metrics()
     manifest_json = write_bundle(
-        out / "bundle", base=resident, base_spec=resident_spec, resident=inputs.resident, hierarchy=h,
-        deltas=result["_deltas"], delta_cfg=cfg.delta, routings=result["routing"], serves=result["serves"],
-        evaluation=result["evaluation"], baselines=baselines, router=result["_router"],
+        out / "bundle", base=loaded.resident[0], base_spec=loaded.resident[1], resident=cfg.generalist.resident,
+        hierarchy=h, deltas=loaded.deltas, delta_cfg=cfg.delta, routings=result["routing"], serves=result["serves"],
+        evaluation=result["evaluation"], baselines=baselines, router=loaded.router,
         extra={"pipeline": {"name": cfg.name, "seed": cfg.seed, "test_split": result["test_split"]}},
     )
     return {
@@ -260,9 +267,9 @@ def evaluate(cfg: PipelineConfig, out: Path, tasks: PipelineTasks, log=print) ->
         "latency": result["evaluation"].get("latency"),  # rounds, load average, unreliable ratios
         "bytes": manifest_json["bytes"],
         "specialists": [{k: r.get(k) for k in ("superclass", "val_acc", "delta_bytes", "delta_ratio", "delta_density",
-                                               "wall_seconds", "train_images")} for r in specialist_results],
+                                               "wall_seconds", "train_images")} for r in specialist_outputs(tasks)[1]],
         "tasks": tasks.folders(),
-        "device": str(device),
+        "device": str(evaluation.probe.device),
         "timings": result["timings"],
     }
 
@@ -293,7 +300,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
     timing = metrics.get("latency")
     if timing:
         load = " -> ".join(f"{x:.1f}" for x in timing["load_average"])
+        own = [m for r in timing.get("own_rounds", []) for m in r["models"]]
         rows.append(f"latency: median of {timing['rounds']} interleaved rounds, load average {load}"
+                    + (f"; {', '.join(own)} in rounds of their own beside the vanilla forward" if own else "")
                     + ("; unreliable (not a result): " + "; ".join(f"{k} {v}" for k, v in timing["unreliable"].items())
                        if timing["unreliable"] else ""))
     return "\n".join(rows)
@@ -310,9 +319,5 @@ def check_inputs(cfg: PipelineConfig, out: Path) -> None:
         check_manifest(cfg.data.manifest)  # its files and schema, not its rows: the run reads those once
         return
     check_source(cfg.data.source)
-    spec = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
-    if cfg.data.hierarchy.startswith("learned:"):
-        k = cfg.data.hierarchy.split(":", 1)[1]
-        if not k.isdigit() or int(k) < 1:
-            raise ConfigError(f"data.hierarchy={cfg.data.hierarchy}: K in learned:K must be a positive integer")
-    check_spec(spec, imagenet_meta=cfg.data.imagenet_meta)
+    # The spec the manifest is built with; learned:K's K was checked when the config was built.
+    check_spec(cfg.data.hierarchy_spec.build, imagenet_meta=cfg.data.imagenet_meta)

@@ -13,9 +13,29 @@ from typing import Literal
 
 from supersub.config import field
 from supersub.delta import METHODS, DeltaConfig
-from supersub.models import ModelConfig
+from supersub.epoch import OptimConfig
+from supersub.hierarchy.builders import spec_k
+from supersub.resnet import ModelConfig
 from supersub.routing import FAMILIES, Routing
-from supersub.train import OptimConfig
+
+
+@dataclass(frozen=True)
+class HierarchySpec:
+    """``data.hierarchy`` parsed: the spec the manifest is built with (``build``) and, for
+    ``learned:K``, the K superclasses clustered from the vanilla network once it is trained
+    (``learned_k``; the manifest is then first built with ``data.learned_from``)."""
+
+    build: str
+    learned_k: int | None = None
+
+    @property
+    def learned(self) -> bool:
+        return self.learned_k is not None
+
+    @classmethod
+    def parse(cls, hierarchy: str, learned_from: str) -> HierarchySpec:
+        k = spec_k(hierarchy, "learned")
+        return cls(hierarchy) if k is None else cls(learned_from, k)
 
 
 @dataclass
@@ -54,6 +74,14 @@ class DataConfig:
     )
     cache_dir: str | None = field(None, help="folder for decoded-split caches (tensors loader)")
 
+    def __post_init__(self) -> None:
+        self.hierarchy_spec  # noqa: B018 - parsed here so that a bad spec fails when the config loads
+
+    @property
+    def hierarchy_spec(self) -> HierarchySpec:
+        """:attr:`hierarchy` parsed (checked when the config is built)."""
+        return HierarchySpec.parse(self.hierarchy, self.learned_from)
+
 
 @dataclass
 class GeneralistConfig:
@@ -82,6 +110,22 @@ class GeneralistConfig:
         help="trunk_router: training of the router head (router_trunk=finetune: of the whole network with it; "
         "joint: only its lr is used, the trunk's)",
     )
+
+    @property
+    def has_own_network(self) -> bool:
+        """Stage one is a superclass network of its own (the paper's generalist): it is the
+        specialists' resident, and the vanilla network is a control beside it."""
+        return self.kind == "own"
+
+    @property
+    def resident(self) -> Literal["generalist", "vanilla"]:
+        """The network every specialist's delta is taken against, as bundles and the predictor name it."""
+        return "generalist" if self.has_own_network else "vanilla"
+
+    @property
+    def router_trunk_mode(self) -> Literal["frozen", "finetune", "joint"] | None:
+        """How the trunk router's trunk trains (``router_trunk``); None without a trunk router."""
+        return self.router_trunk if self.kind == "trunk_router" else None
 
     def __post_init__(self) -> None:
         if not 0 <= self.router_width <= 4 or not 0 <= self.router_distill <= 1:

@@ -87,6 +87,7 @@ class PlannedTask:
     cpus: float  # per worker
     gpus: float  # per worker
     hours: float = 0.0
+    folder: str = ""  # the task's folder name (name + fingerprint): tasks of two plans with one folder are one task
 
     @property
     def gpu_hours(self) -> float:
@@ -130,13 +131,14 @@ PLANNED_FLOPS_RATIO = 2.0  # the served model's inference FLOPs an image, in net
 
 class PlannedUpstream:
     """What a plan knows of tasks before any has run (a :class:`supersub.stages.Upstream`): the
-    images it plans for them; no network exists yet to hash, so every input hash is ``planned``."""
+    images it plans for them; no network exists yet to hash, so a network's hash is its planned
+    folder's name (two plans share a task exactly where a run would)."""
 
     def __init__(self, data: DataOptions, manifest) -> None:
         self.data, self.manifest = data, manifest
 
     def network_hash(self, folder: str) -> str:
-        return "planned"
+        return f"planned:{Path(folder).name}"
 
     def train_images(self, task) -> int:
         return planned_images(task, self.manifest)
@@ -189,7 +191,7 @@ def plan_tasks(cfg: PipelineConfig, manifest, root: Path) -> list[PlannedTask]:
             epochs, val = val_passes(t, manifest)
             workers, cpus, gpus = cfg.resources.scaling(t.resources)
             out.append(PlannedTask(stage.name, t.name, t.kind, planned_images(t, manifest), epochs * val,
-                                   workers, cpus, gpus))
+                                   workers, cpus, gpus, folder=Path(t.out_dir).name))
     return out
 
 
@@ -257,8 +259,8 @@ def measure_train_rate(cfg: PipelineConfig, num_classes: int, steps: int = 2, ba
     device (``cfg.device``), ``amp`` and ``channels_last`` as configured; a small batch."""
     import torch
 
-    from supersub.models import build_model
-    from supersub.train import amp_dtype, build_optimizer, pick_device, use_channels_last
+    from supersub.epoch import amp_dtype, build_optimizer, pick_device, use_channels_last
+    from supersub.resnet import build_model
 
     device = pick_device(cfg.device)
     s = cfg.data.image_size
@@ -381,7 +383,7 @@ def choose_rates(cfg: PipelineConfig, files: list, num_classes: int, gpu: str | 
 def _hierarchy_offline(cfg: PipelineConfig) -> Hierarchy:
     from supersub.hierarchy import load_hierarchy
 
-    spec = cfg.data.learned_from if cfg.data.hierarchy.startswith("learned:") else cfg.data.hierarchy
+    spec = cfg.data.hierarchy_spec.build
     try:
         return load_hierarchy(spec, imagenet_meta=cfg.data.imagenet_meta)
     except Exception as e:  # noqa: BLE001 - said in one line below
@@ -432,7 +434,7 @@ def make_plan(cfg: PipelineConfig, out: Path | None = None, throughput: str | Pa
             raise ConfigError(f"--plan-gpu {gpu}: the config's workers take no GPU (resources.gpus_per_worker and "
                               "resources.specialist_gpus are 0); its plan is in CPU-hours, measured here")
     manifest, counts_from = plan_manifest(cfg, out, log)
-    if cfg.data.hierarchy.startswith("learned:"):
+    if cfg.data.hierarchy_spec.learned:
         counts_from += (f"; {cfg.data.hierarchy}: the specialists are planned on the superclasses of "
                         f"{cfg.data.learned_from} (the learned ones exist only once the vanilla network does)")
     tasks = plan_tasks(cfg, manifest, Path(out or "planned") / "tasks")

@@ -272,3 +272,40 @@ def regime_map_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
                  "(95 % CI; hatched: the served routing)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def crossing_trend(points: Sequence[dict[str, Any]], fits: dict[str, dict[str, Any]], target: float,
+                   path: Path) -> Path:
+    """Crossing-error share against top-1, one colour per partition, each partition's fitted line
+    drawn over the points' range (solid) and on to where it meets ``target`` (dashed: an
+    extrapolation), the share if errors fell uniformly on wrong classes as hollow markers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (partition, f) in enumerate(fits.items()):
+        colour = f"C{i}"
+        ps = [p for p in points if p["partition"] == partition]
+        ax.scatter([p["top1"] for p in ps], [p["crossing_share"] for p in ps], color=colour, s=28,
+                   label=f"{partition}: {len(ps)} networks")
+        chance = [p for p in ps if p.get("chance_share") is not None]
+        ax.scatter([p["top1"] for p in chance], [p["chance_share"] for p in chance], facecolors="none",
+                   edgecolors=colour, s=28, alpha=0.6)
+        if f.get("slope") is None:
+            continue
+        lo, hi = f["top1_range"]
+        line = np.linspace(lo, hi, 2)
+        ax.plot(line, f["intercept"] + f["slope"] * line, color=colour, lw=1.2)
+        meet = f.get("top1_at_target")
+        end = min(100.0, meet) if meet is not None and meet > hi else 100.0
+        ext = np.linspace(hi, end, 2)
+        ax.plot(ext, f["intercept"] + f["slope"] * ext, color=colour, lw=1.0, ls="--")
+    ax.axhline(target, color="black", lw=0.8, ls=":")
+    ax.text(1, target + 1, f"{target:g} %: most errors inside the superclass below this", fontsize=7)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("top-1 % (test)")
+    ax.set_ylabel("errors crossing superclasses %")
+    ax.set_title("Share of errors that leave the superclass, by network accuracy\n"
+                 "(filled: measured; hollow: if errors fell uniformly; dashed: the fit extrapolated)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -10,7 +10,7 @@ probabilities sum to superclass probabilities) stays on the device and is never 
 * **A delta costs its own entries, not a copy of the network.** For a routed group the delta is
   decoded on the device (:meth:`supersub.delta.CompactDelta.decode`) and added at its positions
   of the resident's weights, the delta stages run with the specialist's BatchNorm tensors passed
-  in (:meth:`supersub.models.ResNet.forward_stages_with`), and the saved entries are written
+  in (:meth:`supersub.resnet.ResNet.forward_stages_with`), and the saved entries are written
   back: one gather and two scatters of the kept entries (5 % of a stage's weights) over the
   resident's delta-stage weights, which live in one flat buffer (:class:`supersub.delta.FlatLayout`),
   no copy of the stage's weights — which on a ResNet is most of the network. The same arithmetic
@@ -40,7 +40,7 @@ from supersub.cache import LRU
 from supersub.delta import CompactDelta, DecodedDelta, FlatLayout, PackedDelta, get_method
 from supersub.hierarchy import Hierarchy
 from supersub.metrics import superclass_probs
-from supersub.models import STAGES, ResNet, state_bytes
+from supersub.resnet import STAGES, ResNet, state_bytes
 from supersub.routing import Plan, Routing, StageOutputs, assemble, combine, plan
 
 
@@ -50,7 +50,7 @@ class TwoStagePredictor:
     ``deltas`` maps superclass index → :class:`PackedDelta`; the predictor keeps each as a
     :class:`CompactDelta` on ``device`` (:attr:`deltas`), not the packed objects it was given.
     ``resident``: ``generalist`` (its head is over superclasses) or ``vanilla`` (over subclasses).
-    ``router``: a :class:`supersub.router.TrunkRouter` on the vanilla resident's trunk — stage one
+    ``router``: a :class:`supersub.trunk_router.TrunkRouter` on the vanilla resident's trunk — stage one
     is then the trunk + router, not the resident's whole forward.
     """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from supersub.config import ConfigError
-from supersub.models import BACKBONES, ModelConfig
+from supersub.resnet import BACKBONES, ModelConfig
 
 DLE_RESNET50 = ("https://github.com/NVIDIA/DeepLearningExamples/tree/master/PyTorch/Classification/ConvNets/"
                 "resnet50v1.5#training-performance-results")
@@ -106,7 +106,7 @@ def _is_entry_network(model: ModelConfig, image_size: int, entry: ReferenceRate)
 def _network_costs(model: ModelConfig, num_classes: int, image_size: int) -> tuple[int, int]:
     """``(FLOPs, activation bytes)`` of one forward of one image."""
     from supersub.cost import activation_bytes, network_flops
-    from supersub.models import build_model
+    from supersub.resnet import build_model
 
     net = build_model(model, num_classes, image_size)
     return network_flops(net, image_size), activation_bytes(net, image_size)

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 
 from supersub import atomic
 from supersub.config import dotted_keys
+from supersub.epoch import pick_device
 from supersub.tasks import Task, TaskContext
 from supersub.tasks.base import LOCK_FILE, RESULT_FILE, TASK_FILE
-from supersub.train import pick_device
 
 
 class TaskFailed(RuntimeError):

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from supersub.config import ConfigError
 from supersub.cost import flops_matched_model
 from supersub.data.loaders import LoaderSpec, epoch_images
 from supersub.hierarchy import Hierarchy
@@ -84,7 +83,7 @@ def specialist_task(cfg: PipelineConfig, superclass: int | None, data: DataOptio
                     hash_of: Callable[[str], str] = network_hash) -> SpecialistTask:
     """Superclass ``superclass``'s specialist, or (None) ``delta_all``: one delta on the vanilla
     network for all classes, no "other", no other init. ``hash_of``: the sha256 of a stored network."""
-    own = cfg.generalist.kind == "own"
+    own = cfg.generalist.has_own_network
     everything = superclass is None
     init_dir = vanilla_dir if (own and cfg.specialist.init == "vanilla" and not everything) else None
     head_init = cfg.specialist.head_init
@@ -132,13 +131,6 @@ def planned_images(task: Task, manifest) -> int:
     h: Hierarchy = manifest.hierarchy
     n_sub = len(h.superclasses[spec.superclass].subclasses) if spec.superclass is not None else 0
     return epoch_images(spec, fine, coarse, n_sub) * task.optim.epochs
-
-
-def learned_k(cfg: PipelineConfig) -> int:
-    k = cfg.data.hierarchy.split(":", 1)[1]
-    if not k.isdigit() or int(k) < 1:
-        raise ConfigError(f"data.hierarchy={cfg.data.hierarchy}: K must be a positive integer")
-    return int(k)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -192,8 +184,8 @@ class PipelineTasks:
     def base_stages(self) -> Iterator[Stage]:
         """The stages before the specialists: the networks they start from."""
         cfg = self.cfg
-        learned = cfg.data.hierarchy.startswith("learned:")
-        own = cfg.generalist.kind == "own"
+        learned = cfg.data.hierarchy_spec.learned
+        own = cfg.generalist.has_own_network
         yield self._hand_out(self._base_networks(own and not learned))
         if learned:
             yield self._hand_out(self._learned_hierarchy())
@@ -201,7 +193,7 @@ class PipelineTasks:
             if own:
                 self.generalist = network_task("generalist", "coarse", cfg, self.data, self.root)
                 yield self._hand_out(Stage(LEARNED_GENERALIST, [self.generalist]))
-        if cfg.generalist.kind == "trunk_router" and cfg.generalist.router_trunk == "finetune":
+        if cfg.generalist.router_trunk_mode == "finetune":
             self.finetuned = self.router = self._router("finetune")
             yield self._hand_out(Stage(FINETUNED, [self.finetuned]))
 
@@ -252,8 +244,9 @@ class PipelineTasks:
     def _learned_hierarchy(self) -> Stage:
         cfg = self.cfg
         self.learned = LearnedHierarchyTask.under(
-            self.root, k=learned_k(cfg), vanilla_dir=self.vanilla.out_dir, data=self.first_data, seed=cfg.seed,
-            min_size=cfg.data.learned_min_size, inputs={"vanilla": self.upstream.network_hash(self.vanilla.out_dir)})
+            self.root, k=cfg.data.hierarchy_spec.learned_k, vanilla_dir=self.vanilla.out_dir, data=self.first_data,
+            seed=cfg.seed, min_size=cfg.data.learned_min_size,
+            inputs={"vanilla": self.upstream.network_hash(self.vanilla.out_dir)})
         return Stage(LEARNED, [self.learned], in_driver=True)
 
     def _router(self, trunk: str) -> RouterTask:
@@ -283,10 +276,10 @@ class PipelineTasks:
         self.specialists = specialist_tasks(cfg, self, root)
         self.spec_images = sum(planned_images(t, self.manifest) for t in self.specialists)
         tasks: list[Task] = list(self.specialists)
-        if g.kind == "trunk_router" and g.router_trunk == "joint":
+        if g.router_trunk_mode == "joint":
             self.router = self._joint(self.spec_images)
             self.specialists, self.spec_images, tasks = [], self.router.expert_passes, [self.router]
-        elif g.kind == "trunk_router" and g.router_trunk == "frozen":  # a head's worth: trained beside them
+        elif g.router_trunk_mode == "frozen":  # a head's worth: trained beside them
             self.router = self._router("frozen")
             tasks.append(self.router)
         if cfg.baselines.delta_all:

@@ -15,6 +15,18 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
+# The slow tier: what starts Ray, Ray Serve or an MLflow store is slow whatever else it does (a
+# local Ray takes 10-60 s to start on a loaded 2-core machine, an MLflow store's first migration
+# several seconds), so those markers imply `slow`; `pytest -m "not slow"` is the fast tier.
+SLOW_MARKERS = ("ray", "serve", "mlflow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_MARKERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared data folder, or a skip when this machine does not have it."""
@@ -36,3 +48,18 @@ def ray_session():
     yield
     if started:
         stop_session_ray()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory: pytest.TempPathFactory):
+    """One in-process tiny pipeline run (tests/tiny.py) with every control — ``vanilla_long``,
+    ``delta_all``, a 2-seed ensemble — and its report, for the tests that read a finished run:
+    ``(out, cfg, metrics)``. Tests copy what they would change."""
+    from tiny import quiet, tiny
+
+    from supersub.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny("baselines.vanilla_long=true", "baselines.delta_all=true", "baselines.ensemble=2", "report=true")
+    return out, cfg, run_pipeline(cfg, out, log=quiet)
+

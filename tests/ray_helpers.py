@@ -27,18 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "jobs" / "configs" / "default.yaml"
-PYTHON = sys.executable
+from tiny import DEFAULT_CONFIG, REPO  # noqa: F401 - REPO is the test modules' too
+from tiny import TINY_RAY as TINY  # 240 images of 16 px, 2 superclasses, 2 epochs, resnet10 x 0.25
 
-# Tiny settings: 240 images of 16 px, 2 superclasses, 2 epochs, resnet10 x 0.25 (the default).
-TINY = [
-    "data.source=synthetic:superclasses=2,subclasses=3,per_class=40,size=16",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "train.epochs=2",
-    "specialist.optim.epochs=2",
-]
+PYTHON = sys.executable
 
 ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -21,9 +21,9 @@ from supersub.bundle import write_bundle
 from supersub.data import build_transforms
 from supersub.delta import DeltaConfig, add_delta, export_delta
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
-from supersub.models import ModelConfig, build_model
 from supersub.networks import NetworkSpec
-from supersub.router import router_spec
+from supersub.resnet import ModelConfig, build_model
+from supersub.trunk_router import router_spec
 
 IMAGE_SIZE = 32
 # What a pipeline would have calibrated; the bundle serves "soft" (threshold 0.9: some pictures
@@ -253,3 +253,38 @@ def closed_loop_load(url: str, bodies: list[bytes], clients: int, seconds: float
     for t in pool:
         t.join(timeout=seconds + timeout + 10)
     return sorted(results)
+
+
+# ------------------------------------------------------------------------------ trained bundles
+# The pipeline's tiny settings (tests/test_pipeline.py): synthetic 16 px images, one epoch each.
+TRAINED_BUNDLE_SETTINGS = [
+    "resources.runner=local", "tracking.enabled=false", "report=false",
+    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16,confusion=0.1",
+    "data.image_size=16", "data.num_workers=0", "model.width=0.125", "train.epochs=1", "train.batch_size=32",
+    "specialist.optim.epochs=1", "specialist.optim.batch_size=32", "evaluation.bootstrap=10",
+    "baselines.vanilla_long=false", "baselines.delta_all=false",
+    "generalist.kind=trunk_router", "delta.stages=[layer4]", "generalist.router_optim.epochs=1",
+]
+# Bundle kinds whose stage one is the trunk router, by how the pipeline trains it.
+TRAINED_KINDS = {"trunk_router": [], "joint": ["generalist.router_trunk=joint"]}
+
+
+def make_trained_bundle(out: str | Path, kind: str) -> Path:
+    """A bundle the pipeline trains (a few seconds on 2 cores) for a kind of :data:`TRAINED_KINDS`:
+    ``trunk_router`` (a router head on the vanilla network's frozen trunk, specialists finetuned
+    apart) or ``joint`` (trunk, router and every expert's delta trained together). Its folder."""
+    import torch
+
+    from supersub.config import load_config
+    from supersub.pipeline import run_pipeline
+    from supersub.pipeline_config import PipelineConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP threads would only wait for each other
+    try:
+        cfg = load_config(PipelineConfig, Path(__file__).parents[1] / "jobs/configs/default.yaml",
+                          [*TRAINED_BUNDLE_SETTINGS, *TRAINED_KINDS[kind]])
+        run_pipeline(cfg, Path(out), log=lambda _line: None)
+    finally:
+        torch.set_num_threads(threads)
+    return Path(out) / "bundle"

@@ -12,8 +12,8 @@ from test_predictor import make_hierarchy, make_predictor
 from supersub.bundle import SIGNATURE_FILE, load_bundle, write_bundle
 from supersub.delta import DeltaConfig
 from supersub.errors import BundleError
-from supersub.models import ModelConfig
 from supersub.networks import NetworkSpec
+from supersub.resnet import ModelConfig
 from supersub.routing import Routing
 
 ROUTINGS = {"hard": "hard", "soft": "soft:2@0.9", "hard_pooled": "hard+0.5", "soft_pooled": "soft:2@0.9+0.25"}

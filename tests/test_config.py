@@ -144,3 +144,50 @@ def test_paths_are_made_absolute_once_at_the_entry_point(tmp_path, monkeypatch):
     assert cfg.resources.storage_path == "s3://bucket/ray"  # URIs untouched
     synthetic = absolute_paths(load_config(PipelineConfig, None, []))
     assert synthetic.data.source.startswith("synthetic:") and synthetic.data.hierarchy == "synthetic"
+
+
+@pytest.mark.parametrize("hierarchy, build, k", [
+    ("learned:4", "auto:10", 4), ("auto:10", "auto:10", None), ("synthetic", "synthetic", None), ("h.json", "h.json", None),
+])
+def test_the_hierarchy_spec_is_parsed_into_what_builds_the_manifest_and_K(hierarchy, build, k):
+    from supersub.pipeline_config import PipelineConfig
+
+    spec = load_config(PipelineConfig, None, [f"data.hierarchy={hierarchy}", "data.learned_from=auto:10"]).data.hierarchy_spec
+    assert (spec.build, spec.learned_k, spec.learned) == (build, k, k is not None)
+
+
+@pytest.mark.parametrize("spec", ["learned:x", "learned:0", "learned:-3"])
+def test_a_K_that_is_not_a_positive_integer_is_refused_at_load_in_the_words_hierarchies_use(spec):
+    from supersub.hierarchy import HierarchyError, load_hierarchy
+    from supersub.pipeline_config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="K in learned:K must be a positive integer"):
+        load_config(PipelineConfig, None, [f"data.hierarchy={spec}"])
+    with pytest.raises(HierarchyError, match="K in auto:K must be a positive integer"):
+        load_hierarchy(spec.replace("learned", "auto"))
+
+
+@pytest.mark.parametrize("kind, trunk, own, resident, mode", [
+    ("own", "frozen", True, "generalist", None),
+    ("vanilla", "frozen", False, "vanilla", None),
+    ("trunk_router", "frozen", False, "vanilla", "frozen"),
+    ("trunk_router", "joint", False, "vanilla", "joint"),
+])
+def test_the_generalist_section_says_what_stage_one_is(kind, trunk, own, resident, mode):
+    from supersub.pipeline_config import GeneralistConfig
+
+    g = GeneralistConfig(kind=kind, router_trunk=trunk)
+    assert (g.has_own_network, g.resident, g.router_trunk_mode) == (own, resident, mode)
+
+
+def test_the_configs_strings_are_tested_only_where_the_config_parses_them():
+    """``learned:K`` and ``generalist.kind=own`` are read through the config's typed values
+    (``data.hierarchy_spec``, ``generalist.has_own_network`` / ``resident``), not re-parsed where used."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""startswith\(["']learned:|kind\s*[!=]=\s*["']own["']""")
+    found = [f"{p.relative_to(repo)}:{i}" for folder in ("supersub", "jobs") for p in sorted((repo / folder).rglob("*.py"))
+             if p.name != "pipeline_config.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found

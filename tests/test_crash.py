@@ -2,7 +2,7 @@
 leftovers, error lines that name their cause, Ctrl-C / SIGTERM, the runner in a task's identity.
 
 In-process (the local runner) on tiny synthetic data; the Ray runner's lock and run-state
-recovery are tested in tests/test_jobs.py."""
+recovery are tested in tests/test_crash_ray.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import TINY as TINY_BASE
 
 from supersub import atomic
 from supersub.config import load_config
@@ -26,20 +27,8 @@ from supersub.pipeline_config import PipelineConfig
 from supersub.runner import LocalRunner, TaskFailed, error_line, remove_leftovers, run_tasks, task_lock
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "resources.runner=local",
-    "tracking.enabled=false",
-    "report=false",
-    "data.source=synthetic:superclasses=2,subclasses=3,per_class=30,size=16",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "model.width=0.125",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "specialist.optim.epochs=1",
-    "specialist.optim.batch_size=32",
-    "evaluation.bootstrap=50",
-]
+# The smallest run with a specialist: two superclasses of 30 images a class, one specialist epoch.
+TINY = [*TINY_BASE, "data.source=synthetic:superclasses=2,subclasses=3,per_class=30,size=16", "specialist.optim.epochs=1"]
 
 
 def tiny(*overrides: str) -> PipelineConfig:
@@ -78,7 +67,6 @@ def copy_tasks(trained, dst: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- damaged outputs
-@pytest.mark.slow
 @pytest.mark.parametrize("task, file", [("vanilla", "model.safetensors"), ("specialist_0", "delta.safetensors"),
                                         ("vanilla", "metrics.json")])
 def test_a_damaged_output_is_found_and_the_task_retrained_with_one_line(trained, tmp_path, task, file):
@@ -116,7 +104,6 @@ def test_sizes_first_then_hashes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- full disk
-@pytest.mark.slow
 def test_no_space_leaves_nothing_a_rerun_trusts_and_the_rerun_finishes(trained, tmp_path, monkeypatch):
     """A simulated ENOSPC while the weights are written (half the bytes land, then the write
     fails, as on a full disk): the failure says "no space left on <path>", the folder holds no
@@ -166,15 +153,19 @@ def test_error_lines_name_the_cause():
 
 
 # ----------------------------------------------------------------------------- lock
-@pytest.mark.slow
 def test_two_jobs_on_one_folder_train_a_task_once(trained, tmp_path):
     cfg, data, _ = trained
     vanilla, _ = tasks_in(cfg, data, tmp_path / "tasks")
     logs: list[list[str]] = [[], []]
-    second_waits = threading.Event()
+    first_holds, second_waits = threading.Event(), threading.Event()
 
     def hold(task, epoch: int) -> None:  # the first job trains until the second waits for it
         assert second_waits.wait(60), "the second job never waited for the lock"
+
+    def log1(line: str) -> None:
+        logs[0].append(line)
+        if "running in" in line:  # logged with the lock held
+            first_holds.set()
 
     def log2(line: str) -> None:
         logs[1].append(line)
@@ -182,13 +173,13 @@ def test_two_jobs_on_one_folder_train_a_task_once(trained, tmp_path):
             second_waits.set()
 
     def job(i: int) -> None:
-        log = logs[0].append if i == 0 else log2
+        log = log1 if i == 0 else log2
         run_tasks(LocalRunner("cpu", log=log, epoch_hook=hold if i == 0 else None), [vanilla], cfg.resources, log)
 
     threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-        time.sleep(0.3)
+    threads[0].start()
+    assert first_holds.wait(60), logs[0]  # the second job starts once the first holds the lock
+    threads[1].start()
     for t in threads:
         t.join(300)
     text = "\n".join(logs[0] + logs[1])
@@ -210,9 +201,13 @@ def test_a_dead_holders_lock_is_no_lock(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         waited: list[str] = []
-        threading.Timer(1.0, holder.kill).start()
+
+        def log(line: str) -> None:  # the holder dies once we wait for it
+            waited.append(line)
+            holder.kill()
+
         t0 = time.monotonic()
-        with task_lock(T, waited.append, poll=0.1):
+        with task_lock(T, log, poll=0.1):
             assert time.monotonic() - t0 < 20
         assert waited and "waiting for it" in waited[0]
     finally:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from supersub.cli.data import register
 from supersub.data import (
     IMAGENET_MEAN,
     ManifestDataset,
@@ -33,7 +34,6 @@ from supersub.data import (
     render,
     synthetic_hierarchy,
 )
-from supersub.data.cli import register
 from supersub.data.parallel import Progress
 from supersub.data.store import ParquetStore
 from supersub.errors import DataError
@@ -549,7 +549,7 @@ def test_progress_tty_and_log() -> None:
 def test_data_layer_imports_neither_ray_nor_mlflow() -> None:
     # torch/torchvision (seconds of import time) load only when a dataset symbol is used.
     code = (
-        "import sys, supersub.data, supersub.data.cli; "
+        "import sys, supersub.data, supersub.cli.data; "
         "assert not {'ray', 'mlflow', 'torch', 'torchvision'} & set(sys.modules), sys.modules.keys(); "
         "supersub.data.ManifestDataset; assert 'torch' in sys.modules"
     )

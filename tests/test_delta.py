@@ -26,7 +26,7 @@ from supersub.delta.packing import (
     seeded_positions,
     unpack_codes,
 )
-from supersub.models import ModelConfig, build_model
+from supersub.resnet import ModelConfig, build_model
 
 
 def tiny_base(num_classes=10, seed=0):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from supersub.epoch import OptimConfig, amp_dtype, use_channels_last
 from supersub.fit import fit
 from supersub.tasks.base import TaskContext, optim_identity
-from supersub.train import OptimConfig, amp_dtype, use_channels_last
 
 
 class _Loader:

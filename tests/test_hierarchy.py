@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from supersub.cli.hierarchy import register
 from supersub.hierarchy import (
     Hierarchy,
     HierarchyError,
@@ -26,7 +27,6 @@ from supersub.hierarchy import (
     load_hierarchy,
     paper10,
 )
-from supersub.hierarchy.cli import register
 from supersub.hierarchy.wordnet import parse_is_a, parse_words
 
 PAPER10_COUNTS = {
@@ -465,7 +465,7 @@ def test_cli_save_with_classes_and_leftover(
 
 def test_hierarchy_package_imports_no_heavy_frameworks() -> None:
     code = (
-        "import sys, supersub.hierarchy, supersub.hierarchy.cli; "
+        "import sys, supersub.hierarchy, supersub.cli.hierarchy; "
         "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

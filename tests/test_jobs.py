@@ -128,23 +128,39 @@ def test_downloaded_bundles_are_cached_beside_the_tracking_store(tmp_path: Path,
     (["data.hierarchy=nonsense"], "unknown hierarchy 'nonsense'"),
     (["delta.bits=5"], "delta.bits"),
 ])
-def test_user_errors_are_one_line_before_ray_or_mlflow(tmp_path: Path, args: list[str], message: str) -> None:
-    """Exit 2, one line, no traceback — and nothing started: no Ray, no MLflow run, no folder."""
+def test_user_errors_are_one_line_before_ray_or_mlflow(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    """Exit 2, one line, no traceback — and nothing started: no Ray, no MLflow run, no folder.
+    In this process (the job's ``main``); the command line's own exit is the next test's."""
+    from jobs.pipeline import main
+
     db = tmp_path / "mlflow.db"
-    proc = subprocess.run(
-        [PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(tmp_path / "out"), *args,
-         f"tracking.tracking_uri=sqlite:///{db}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV},
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "ray:" not in proc.stdout
+    code = main(["--config", str(DEFAULT_CONFIG), "--out", str(tmp_path / "out"), *args,
+                 f"tracking.tracking_uri=sqlite:///{db}"])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "ray:" not in out
     assert not db.exists() and not (tmp_path / "out").exists()
     out_file = tmp_path / "file"
     out_file.write_text("x")
-    proc = subprocess.run([PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(out_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
-    assert proc.returncode == 2 and "is a file" in proc.stderr
+    assert main(["--config", str(DEFAULT_CONFIG), "--out", str(out_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_user_error_is_one_line_and_exit_2_from_the_command_line(tmp_path: Path) -> None:
+    """``python -m jobs.pipeline`` as a user runs it: exit 2 and one stderr line (no warning an
+    import prints), nothing written."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(tmp_path / "out"),
+         "data.source=/nonexistent", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jobs.pipeline: error: ") and "source not found: /nonexistent" in lines[0], \
+        proc.stderr
+    assert "ray:" not in proc.stdout and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
 
 
 def test_ray_data_loader_matches_core_targets() -> None:

@@ -4,40 +4,17 @@ fingerprints on reruns, the CLI reproducing metrics.json, retries and partial fa
 import builtins
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from tiny import ONE_EPOCH, quiet, tiny
 
-from supersub import pipeline
+from supersub import evaluation, pipeline
 from supersub.bundle import load_bundle
-from supersub.config import load_config
 from supersub.data import load_manifest
 from supersub.pipeline import ensemble_size, run_pipeline
-from supersub.pipeline_config import PipelineConfig
 from supersub.runner import LocalRunner, TaskFailed
-
-TINY = [
-    "resources.runner=local",
-    "tracking.enabled=false",
-    "report=false",
-    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16,confusion=0.1",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "model.width=0.125",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "specialist.optim.epochs=2",
-    "specialist.optim.batch_size=32",
-    "evaluation.bootstrap=50",
-]
-
-
-def tiny(*overrides):
-    return load_config(PipelineConfig, "jobs/configs/default.yaml", [*TINY, *overrides])
-
-
-def quiet(_line):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +105,25 @@ def test_rerun_reuses_exactly_the_unchanged_tasks(default_run):
             {k: v for k, v in m.items() if k not in timings}
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A run of the tiny config at one epoch: the folder a changed config is rerun on."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    run_pipeline(tiny(*ONE_EPOCH), out, log=quiet)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change,retrained", [
     ("data.max_train_per_class=20", "vanilla: data.manifest"),
     ("data.source=synthetic:superclasses=3,subclasses=3,per_class=30,size=16,confusion=0.1", "vanilla: data.manifest"),
     ("train.lr=0.05", "vanilla: optim.lr"),
 ])
-def test_changed_data_or_settings_retrain_and_keep_the_old(tmp_path, change, retrained):
+def test_changed_data_or_settings_retrain_and_keep_the_old(one_epoch_run, tmp_path, change, retrained):
     out = tmp_path / "run"
-    run_pipeline(tiny(), out, log=quiet)
+    shutil.copytree(one_epoch_run, out)  # the run before the change, trained once for every change
     logs = []
-    run_pipeline(tiny(change), out, log=logs.append)
+    run_pipeline(tiny(*ONE_EPOCH, change), out, log=logs.append)
     assert any(line.startswith(retrained) and "training anew" in line for line in logs), logs
     # the specialists start from the new vanilla network: its hash is part of their identity
     assert any(line.startswith("specialist_0:") and "inputs.resident" in line for line in logs)
@@ -150,7 +135,7 @@ def test_changed_data_or_settings_retrain_and_keep_the_old(tmp_path, change, ret
 
 @pytest.mark.slow
 def test_paper_generalist_specialists_from_vanilla_and_learned_hierarchy(tmp_path):
-    own = run_pipeline(tiny("generalist.kind=own", "specialist.negatives=0", "specialist.init=vanilla",
+    own = run_pipeline(tiny(*ONE_EPOCH, "generalist.kind=own", "specialist.negatives=0", "specialist.init=vanilla",
                             "evaluation.serve=hard", "baselines.scaled=true", "baselines.scaled_width=0.25"),
                        tmp_path / "own", log=quiet)
     assert "generalist" in own["models"] and "vanilla_scaled" in own["models"]
@@ -163,10 +148,10 @@ def test_paper_generalist_specialists_from_vanilla_and_learned_hierarchy(tmp_pat
         / "task.json").read_text())
     assert init["identity"]["inputs"]["init"]  # started from the vanilla network
     logs = []
-    learned = run_pipeline(tiny("data.hierarchy=learned:2", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
+    learned = run_pipeline(tiny(*ONE_EPOCH, "data.hierarchy=learned:2", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
     assert learned["hierarchy"]["name"] == "learned:2" and sum(learned["hierarchy"]["sizes"]) == 9
     logs.clear()
-    run_pipeline(tiny("data.hierarchy=learned:3", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
+    run_pipeline(tiny(*ONE_EPOCH, "data.hierarchy=learned:3", "data.learned_from=synthetic"), tmp_path / "learned", log=logs.append)
     assert any(line.startswith("learned_3: running") for line in logs)  # another K: learned anew
     assert any("vanilla: done earlier" in line for line in logs)  # the vanilla network is the same task
 
@@ -241,3 +226,38 @@ def test_a_run_opens_and_hashes_its_manifest_once(tmp_path, monkeypatch):
     run_pipeline(tiny("train.epochs=1", "specialist.optim.epochs=1", "evaluation.latency=false",
                       "baselines.delta_all=true", "baselines.vanilla_long=true"), tmp_path / "run", log=quiet)
     assert len(opened) == 1 and len(hashed) == 1, (opened, hashed)
+
+
+@pytest.mark.slow
+def test_late_controls_evaluate_their_own_rows_and_every_network_is_read_once(tmp_path, monkeypatch):
+    """The FLOPs-matched controls (an ensemble, a bigger network), trained after the evaluation,
+    add their rows to it: stage one and the specialists run once a split, the bundle and the
+    predictions are written once, and every network and delta is read from its folder once (the
+    ensemble's first member is the vanilla network, a generalist's bundle carries that same one)."""
+    counts: dict[str, list] = {"collect": [], "predictions": [], "bundle": [], "network": [], "delta": []}
+
+    def spy(module, name, key):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: counts[key].append(a[0]) or real(*a, **k))
+
+    spy(evaluation, "collect", "collect")
+    spy(evaluation, "load_network", "network")
+    spy(evaluation, "load_packed", "delta")
+    spy(pipeline, "save_predictions", "predictions")
+    spy(pipeline, "write_bundle", "bundle")
+    cfg = tiny(*ONE_EPOCH, "evaluation.latency=true", "generalist.kind=own", "baselines.ensemble=auto",
+               "baselines.scaled_flops=true", "baselines.delta_all=true", "baselines.vanilla_long=true")
+    metrics = run_pipeline(cfg, tmp_path / "run", log=quiet)
+    late = [name for name in ("ensemble", "vanilla_flops") if name in metrics["models"]]
+    assert "ensemble" in late and metrics["models"]["ensemble"]["members"] >= 2
+    assert len(counts["collect"]) == 2  # val, then test: once
+    assert len(counts["predictions"]) == len(counts["bundle"]) == 1
+    for key in ("network", "delta"):
+        folders = [str(f) for f in counts[key]]
+        assert len(folders) == len(set(folders)), (key, folders)
+    # the late rows sit beside the other network controls, and were timed in their own rounds
+    names = list(metrics["models"])
+    assert names[:3 + len(late)] == ["vanilla", "vanilla_long", *late, "delta_all"]
+    assert [r["models"] for r in metrics["latency"]["own_rounds"]] == [late]
+    assert all(metrics["models"][name]["latency"]["rounds"] == 7 for name in late)
+    assert load_bundle(tmp_path / "run" / "bundle").load_vanilla() is not None

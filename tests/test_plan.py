@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import ONE_EPOCH, tiny
 
 from supersub import plan as plan_module
 from supersub.config import ConfigError, load_config
@@ -17,22 +18,7 @@ from supersub.plan import format_plan, make_plan
 from supersub.reference_throughput import REFERENCE_DECODE_PER_CPU
 from supersub.runner import LocalRunner
 
-TINY = [
-    "resources.runner=local",
-    "tracking.enabled=false",
-    "report=false",
-    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16,confusion=0.1",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "model.width=0.125",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "specialist.optim.epochs=2",
-    "specialist.optim.batch_size=32",
-    "evaluation.bootstrap=50",
-    "baselines.vanilla_long=true",
-    "baselines.delta_all=true",
-]
+CONTROLS = ["baselines.vanilla_long=true", "baselines.delta_all=true"]
 
 
 def rates(tmp_path: Path) -> Path:
@@ -61,7 +47,6 @@ SETTINGS = {  # every generalist.kind, and for the trunk router every router_tru
     "trunk_router-finetune": [*TRUNK_ROUTER, "generalist.router_trunk=finetune"],
     "trunk_router-joint": [*TRUNK_ROUTER, "generalist.router_trunk=joint", "baselines.delta_all=false"],
 }
-ONE_EPOCH = ["train.epochs=1", "specialist.optim.epochs=1", "evaluation.latency=false"]
 
 
 @pytest.mark.slow
@@ -69,7 +54,7 @@ ONE_EPOCH = ["train.epochs=1", "specialist.optim.epochs=1", "evaluation.latency=
 def test_the_plan_is_the_tasks_a_tiny_run_trains(tmp_path: Path, extra: list[str]) -> None:
     """Stage by stage, the plan's tasks are the tasks the run hands its runner: names, kinds and
     training images."""
-    cfg = load_config(PipelineConfig, "jobs/configs/default.yaml", TINY + ONE_EPOCH + extra)
+    cfg = tiny(*CONTROLS, *ONE_EPOCH, *extra)
     out = tmp_path / "run"
     plan = make_plan(cfg, out, rates(tmp_path), log=lambda _: None)  # builds out/data, which the run reuses
     assert "counts from the manifest built from synthetic" in plan["counts_from"]

@@ -11,8 +11,8 @@ import torch
 from supersub.delta import DeltaConfig, add_delta, applied, export_delta, materialize
 from supersub.hierarchy import Hierarchy, Subclass, Superclass
 from supersub.metrics import superclass_probs
-from supersub.models import STAGES, ModelConfig, build_model, state_bytes
 from supersub.predictor import TwoStagePredictor
+from supersub.resnet import STAGES, ModelConfig, build_model, state_bytes
 from supersub.routing import HARD, Routing, StageOutputs, assemble, combine, plan, specialist_passes
 
 

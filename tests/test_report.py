@@ -1,10 +1,10 @@
 """``supersub report``: the page's numbers against the metrics it was built from, one self-contained file.
 
-The fast tests build a pipeline output by hand: a synthetic manifest whose class names need HTML
+Most tests build a pipeline output by hand: a synthetic manifest whose class names need HTML
 escaping, seeded predictions of eight models, and a metrics.json in the pipeline's current format
 (models scored by the pipeline's own ``score_models``: intervals against vanilla, stage one; cost
 fields, compact routing strings, the served model). A study folder is made of copies of that run.
-The slow ones report on a real tiny pipeline run and on an MLflow run.
+Two report on real runs: the session's tiny pipeline run (tests/conftest.py) and, slow, an MLflow run.
 """
 
 from __future__ import annotations
@@ -494,26 +494,11 @@ def test_report_module_imports_no_heavy_frameworks() -> None:
 
 
 # ----------------------------------------------------------------------------- real runs
-TINY = [
-    "resources.runner=local", "tracking.enabled=false",
-    "data.source=synthetic:superclasses=3,subclasses=3,per_class=40,size=16", "data.image_size=16",
-    "data.num_workers=0", "model.width=0.125", "train.epochs=2", "train.batch_size=32",
-    "specialist.optim.epochs=2", "specialist.optim.batch_size=32", "baselines.vanilla_long=true",
-    "baselines.delta_all=true", "evaluation.bootstrap=100",
-]
-
-
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from supersub.config import load_config
-    from supersub.pipeline import PipelineConfig, run_pipeline
-
-    out = tmp_path_factory.mktemp("pipeline")
-    run_pipeline(load_config(PipelineConfig, REPO / "jobs" / "configs" / "default.yaml", TINY), out, log=lambda s: None)
-    return out
+def pipeline_run(tiny_pipeline_run) -> Path:
+    return tiny_pipeline_run[0]
 
 
-@pytest.mark.slow
 def test_report_of_a_real_pipeline_run(pipeline_run: Path, tmp_path: Path) -> None:
     assert cli_main(["report", "--run", str(pipeline_run), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -1,11 +1,14 @@
 """The Serve applications and their HTTP API, end to end on a tiny random bundle, and every way a
 request, a setting or a bundle can be wrong.
 
-One Serve instance on the session's Ray for the module (starting it costs ~40 s on two cores):
-the two-stage app at ``/two`` (the default single graph, with a drain flag; vanilla resident, shared trunk up to
-layer3, soft routing with a threshold: every routing path runs), the per-stage graph of the same bundle at
-``/stages``, and the vanilla app at ``/vanilla`` (a generalist-resident bundle's vanilla network,
-registered in MLflow and served as ``models:/...``: resolved by the builder alone).
+One Serve instance on the session's Ray for the module, its apps deployed together (starting it
+costs ~40 s on two cores): the two-stage app at ``/two`` (the default single graph, with a drain
+flag; vanilla resident, shared trunk up to layer3, soft routing with a threshold: every routing
+path runs), the per-stage graph of the same bundle at ``/stages``, the vanilla app at
+``/vanilla`` (a generalist-resident bundle's vanilla network, registered in MLflow and served as
+``models:/...``: resolved by the builder alone), and the bundle kinds whose stage one is the
+trunk router — trained by the pipeline (``trunk_router``, ``joint``) — in the single and the
+per-stage graph (``/trunk_router-single``, ...).
 The tests that kill replicas run last; the `python -m serve` tests, each a launch of its own,
 after them. The numbers of the issue's defects are in the
 test names' docstrings.
@@ -31,10 +34,10 @@ import pytest
 import ray
 import torch
 from ray import serve
-from serve_helpers import image_bytes, make_tiny_bundle
+from serve_helpers import TRAINED_KINDS, image_bytes, make_tiny_bundle, make_trained_bundle
 
 from serve.app import app, resolve_routing, vanilla_app
-from serve.images import BadInput, Limits, decode, decode_all, preprocessor, read_body
+from serve.images import BadInput, Limits, decode_all, preprocessor, read_body
 from supersub.bundle import load_bundle
 from supersub.routing import Routing
 
@@ -66,9 +69,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "vanilla": make_tiny_bundle(root / "vanilla", resident="vanilla", stages=("layer3", "layer4")),
         "generalist": make_tiny_bundle(root / "generalist", resident="generalist",
                                        stages=("stem", "layer1", "layer2", "layer3", "layer4")),
-        "router": make_tiny_bundle(root / "router", resident="vanilla", stages=("layer4",), router=True,
-                                   routings={"hard": "hard", "soft": "soft:2@0.9"}),
+        **{kind: make_trained_bundle(root / kind, kind) for kind in TRAINED_KINDS},
     }
+
+
+# The bundle kinds served by each graph whose model code differs (fused runs single's TwoStage).
+KIND_APPS = [(kind, graph) for kind in TRAINED_KINDS for graph in ("single", "stages")]
 
 
 def _free_port() -> int:
@@ -115,18 +121,19 @@ def server(ray_session, bundles: dict[str, Path], mlflow_store: Path) -> Iterato
     assert ray.get(owner.make.remote(DRAIN), timeout=120)
     # One replica where the tests need no redundancy (each costs memory and start-up here); the
     # per-stage graph keeps the default two of each, which the replica-kill tests need.
-    serve.run(app({"bundle": b, "drain": DRAIN, "replicas": 1, **LIMITS}), name="two", route_prefix="/two")
-    serve.run(app({"bundle": b, "graph": "stages", **LIMITS}), name="stages", route_prefix="/stages")
+    apps = {"two": app({"bundle": b, "drain": DRAIN, "replicas": 1, **LIMITS}),
+            "stages": app({"bundle": b, "graph": "stages", **LIMITS})}
     # /vanilla: the generalist bundle as a models:/ URI in a tracking store only this process knows
     # (the replicas' environment, the session Ray's, names none: resolving it there would look in
     # ~/.supersub), placed in a folder the builder names: the replicas read that folder, never the store.
     with pytest.MonkeyPatch.context() as mp:
         uri = _register(bundles["generalist"], mlflow_store, mp)
-        serve.run(vanilla_app({"bundle": uri, "bundle_cache": str(mlflow_store / "shared"), "replicas": 1, **LIMITS}),
-                  name="vanilla", route_prefix="/vanilla")
-    # The trunk router's bundle through the per-stage graph: stage one on the trunk in the Generalist.
-    serve.run(app({"bundle": str(bundles["router"]), "graph": "stages", "replicas": 1, **LIMITS}), name="router",
-              route_prefix="/router")
+        apps["vanilla"] = vanilla_app({"bundle": uri, "bundle_cache": str(mlflow_store / "shared"), "replicas": 1,
+                                       **LIMITS})
+    for kind, graph in KIND_APPS:
+        apps[f"{kind}-{graph}"] = app({"bundle": str(bundles[kind]), "graph": graph, "replicas": 1, **LIMITS})
+    # Deployed together: their replicas start side by side, not one app after another.
+    serve.run_many([serve.RunTarget(a, name=name, route_prefix=f"/{name}") for name, a in apps.items()])
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     with contextlib.suppress(Exception):  # killed by the drain test already
@@ -141,7 +148,10 @@ def client(server: str) -> Iterator[httpx.Client]:
 
 
 def _x(data: bytes, image_size: int = 32) -> torch.Tensor:
-    return preprocessor(image_size)(decode(data, 10**8))
+    """The picture as the ingress preprocesses it (the same JPEG draft size)."""
+    from supersub.data.dataset import eval_draft_size
+
+    return decode_all([data], Limits(), eval_draft_size(image_size), preprocessor(image_size))[0][0]
 
 
 def _check_schema(pred: dict, stages: tuple[str, ...] = ("model",)) -> None:
@@ -168,6 +178,32 @@ def test_routing_is_resolved_as_written(bundles: dict[str, Path]) -> None:
     assert resolve_routing(b, "soft:3") == Routing("soft", 3, 1.0, 0.0)
     with pytest.raises(ValueError, match="pooling"):
         resolve_routing(load_bundle(bundles["generalist"]), "hard+0.5")
+
+
+def test_the_ingress_resolves_a_routing_once_into_a_routing_object(bundles: dict[str, Path]) -> None:
+    """One resolver for the app's routing and a request's: names and spellings become Routing
+    objects (what the model deployments receive; picklable), an explicit spelling is parsed once,
+    and what the bundle cannot run is a ValueError saying why."""
+    import pickle
+
+    from serve.app import Routings
+
+    b = load_bundle(bundles["vanilla"])
+    table = Routings.of(b, Routing.parse("hard"))
+    assert table.resolve(None) == Routing("hard") and table.resolve("soft_pooled") == Routing.parse("soft:2@0.9+0.5")
+    first = table.resolve("soft:3@0.8")
+    assert first is table.resolve("soft:3@0.8") and pickle.loads(pickle.dumps(first)) == first
+    with pytest.raises(ValueError, match="k = 9"):
+        table.resolve("soft:9")
+    with pytest.raises(ValueError, match="not of the form"):
+        table.resolve("medium")
+
+
+def test_max_deltas_is_accepted_with_a_warning(bundles: dict[str, Path]) -> None:
+    """max_deltas bounded an LRU of decoded deltas that replicas no longer keep: an old config
+    still builds, with a FutureWarning saying it has no effect."""
+    with pytest.warns(FutureWarning, match="max_deltas has no effect"):
+        assert app({"bundle": str(bundles["vanilla"]), "max_deltas": 4}) is not None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -535,28 +571,58 @@ def test_answers_equal_the_offline_predictor_with_their_routing(client: httpx.Cl
     assert len(routed) > 1
 
 
-def test_a_trunk_router_bundle_answers_as_the_offline_predictor(client: httpx.Client, bundles: dict[str, Path]) -> None:
-    """generalist.kind=trunk_router through the per-stage graph: the Generalist's stage one is the
-    trunk + router, the Specialist runs only the tail; pooling has nothing to pool with (422)."""
-    b = load_bundle(bundles["router"])
+@pytest.mark.parametrize("kind,graph", KIND_APPS)
+def test_every_bundle_kind_answers_as_the_offline_predictor(client: httpx.Client, bundles: dict[str, Path],
+                                                            kind: str, graph: str) -> None:
+    """Bundles the pipeline trained with the trunk router as stage one (generalist.kind=trunk_router,
+    and generalist.router_trunk=joint) through the single and the per-stage graph answer what
+    TwoStagePredictor answers; pooling has nothing to pool with (422); /healthz reports what each
+    stage's replica holds, as the engine counts it for the same bundle."""
+    b = load_bundle(bundles[kind])
     assert b.stage_one == "trunk_router"
-    C = b.hierarchy.num_subclasses
-    images = [image_bytes(40 + i) for i in range(4)]
-    x = torch.stack([_x(d) for d in images])
+    C, prefix = b.hierarchy.num_subclasses, f"/{kind}-{graph}"
+    images = [image_bytes(40 + i) for i in range(6)]
+    x = torch.stack([_x(d, b.image_size) for d in images])
     for asked in (None, "hard", "soft:3@0.8"):
         routing = resolve_routing(b, asked)
         fine, sup = b.predictor().predict(x, routing)
         for j, d in enumerate(images):
-            r = client.post(f"/router/predict?top_k={C}" + (f"&routing={asked}" if asked else ""), content=d,
+            r = client.post(f"{prefix}/predict?top_k={C}" + (f"&routing={asked}" if asked else ""), content=d,
                             headers={"content-type": "image/jpeg"})
             assert r.status_code == 200, r.text
-            probs = {e["id"]: e["probability"] for e in r.json()["top_k"]}
+            got = r.json()
+            assert got["routing"] == str(routing)
+            probs = {e["id"]: e["probability"] for e in got["top_k"]}
             want = dict(zip(b.hierarchy.subclass_ids, fine[j].tolist()))
             assert max(abs(probs[k] - want[k]) for k in want) < 1e-5, (asked, j)
-            assert r.json()["superclass"]["index"] == int(sup[j].argmax())
-    r = client.post("/router/predict?routing=hard%2B0.5", content=images[0], headers={"content-type": "image/jpeg"})
+            assert got["superclass"]["index"] == int(sup[j].argmax())
+    r = client.post(f"{prefix}/predict?routing=hard%2B0.5", content=images[0], headers={"content-type": "image/jpeg"})
     assert r.status_code == 422 and "trunk_router" in r.json()["detail"]
-    assert client.get("/router/healthz").json()["stage_one"] == "trunk_router"
+    health = client.get(f"{prefix}/healthz").json()
+    assert health["stage_one"] == "trunk_router"
+    engine = b.predictor().resident_bytes()
+    stages = ("model",) if graph == "single" else ("generalist", "specialist")
+    assert health["resident_bytes"] == {s: {**engine, "total": sum(engine.values())} for s in stages}
+    assert engine["router"] > 0 and engine["decoded_cache"] == 0
+
+
+def test_replicas_report_the_bytes_the_engine_counts(client: httpx.Client, bundles: dict[str, Path]) -> None:
+    """/healthz says what the replica of each model stage holds (TwoStagePredictor.resident_bytes
+    by component, and their total): the engine's own count for the same bundle, with no decoded
+    delta kept; the vanilla app's network, its parameters and buffers."""
+    engine = load_bundle(bundles["vanilla"]).predictor().resident_bytes()
+    want = {**engine, "total": sum(engine.values())}
+    assert engine["decoded_cache"] == 0 and engine["deltas"] > 0
+    for _ in range(3):  # predictions between the checks: the figure does not grow with use
+        assert client.get("/two/healthz").json()["resident_bytes"] == {"model": want}
+        assert client.get("/stages/healthz").json()["resident_bytes"] == {"generalist": want, "specialist": want}
+        for prefix in ("/two", "/stages"):
+            for routing in ("hard", "soft:3"):
+                client.post(f"{prefix}/predict?routing={routing}", content=JPG, headers={"content-type": "image/jpeg"})
+    from supersub.resnet import state_bytes
+
+    net = state_bytes(load_bundle(bundles["generalist"]).load_vanilla())
+    assert client.get("/vanilla/healthz").json()["resident_bytes"] == {"network": {"network": net, "total": net}}
 
 
 @pytest.mark.parametrize("fmt,mime", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
@@ -756,11 +822,11 @@ def test_healthz_is_503_while_a_stage_is_down(server: str) -> None:
     assert _running("stages", "Specialist") == 2
 
 
-@pytest.mark.parametrize("deployment", ["Specialist", "Generalist"])
+@pytest.mark.parametrize("deployment", ["Specialist"])
 def test_replica_kill_under_load(server: str, deployment: str) -> None:
-    """Killing a Specialist replica (retried by the Generalist) or a Generalist replica (retried
-    by the Ingress) under 200 concurrent requests loses at most 1 % of them (counted at the
-    client, no retries there) and Serve brings the replica back."""
+    """Killing a Specialist replica (retried by the Generalist, in the Ingress) under 200
+    concurrent requests loses at most 1 % of them (counted at the client, no retries there) and
+    Serve brings the replica back."""
     deadline = time.monotonic() + 90
     while _running("stages", deployment) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)

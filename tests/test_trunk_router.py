@@ -7,21 +7,21 @@ import json
 
 import pytest
 import torch
-from test_pipeline import quiet, tiny
 from test_predictor import make_hierarchy, make_predictor, predict_the_old_way
+from tiny import quiet, tiny
 
 from supersub.bundle import load_bundle, write_bundle
 from supersub.config import ConfigError, load_config
 from supersub.cost import flops_matched_model, network_flops, two_stage_flops
 from supersub.delta import DeltaConfig
 from supersub.errors import BundleError
-from supersub.models import STAGES, ModelConfig, build_model
 from supersub.networks import NetworkSpec
 from supersub.pipeline import run_pipeline
 from supersub.pipeline_config import PipelineConfig
 from supersub.predictor import TwoStagePredictor
-from supersub.router import RoutedTrunk, router_spec
+from supersub.resnet import STAGES, ModelConfig, build_model
 from supersub.routing import Routing
+from supersub.trunk_router import RoutedTrunk, router_spec
 
 
 def routed_predictor(stages=("layer4",), width=0.5, seed=0):
@@ -133,7 +133,6 @@ def test_bundle_round_trip_and_a_router_that_does_not_fit_is_refused(tmp_path):
         load_bundle(tmp_path / "b")
 
 
-@pytest.mark.slow
 def test_pipeline_trains_the_router_and_evaluate_reproduces_it(tmp_path, capsys):
     from supersub.cli import main
 
@@ -184,7 +183,7 @@ def test_the_flops_matched_network_is_the_biggest_that_fits():
 
 
 def test_finetuning_trunk_and_router_together_trains_both():
-    from supersub.router import MultitaskTrunk
+    from supersub.trunk_router import MultitaskTrunk
 
     _, base, _, _, spec = routed_predictor()
     router = spec.build()
@@ -204,7 +203,6 @@ def test_finetuning_trunk_and_router_together_trains_both():
                                                                   "generalist.router_distill=0.5"])
 
 
-@pytest.mark.slow
 def test_pipeline_with_a_finetuned_trunk_uses_it_as_the_resident(tmp_path, capsys):
     """router_trunk=finetune: the router task's network is the specialists' resident and the
     bundle's base; its images count once for the two-stage model and go to vanilla_long's budget."""
@@ -244,9 +242,9 @@ def test_pipeline_with_a_finetuned_trunk_uses_it_as_the_resident(tmp_path, capsy
 def joint_model(negatives=0.5):
     """A JointExperts on make_predictor's network (3 superclasses of 3), with its task."""
     from supersub.delta import set_train_mode
-    from supersub.router import JointExperts
+    from supersub.epoch import OptimConfig
     from supersub.tasks import JointTask
-    from supersub.train import OptimConfig
+    from supersub.trunk_router import JointExperts
 
     h = make_hierarchy()
     _, base, _ = make_predictor(h, stages=("layer4",))
@@ -262,7 +260,7 @@ def joint_model(negatives=0.5):
 def test_joint_training_trains_trunk_router_and_experts_and_keeps_their_base():
     """router_trunk=joint: one loss trains the trunk (at its own lr), the router and every expert
     whose superclass is in the batch; the resident's tail and head, every delta's base, stay fixed."""
-    from supersub.train import build_optimizer
+    from supersub.epoch import build_optimizer
 
     h, base, model, task = joint_model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -319,7 +317,6 @@ def test_joint_config_is_refused_where_it_cannot_run():
             load_config(PipelineConfig, "jobs/configs/default.yaml", base + extra)
 
 
-@pytest.mark.slow
 def test_pipeline_with_joint_training_serves_its_experts(tmp_path, capsys):
     """router_trunk=joint: one task writes the finetuned resident, the router and every expert's
     delta; the controls get the specialists' budget; `supersub evaluate` reproduces the bundle."""

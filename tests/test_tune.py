@@ -268,7 +268,7 @@ def test_tune_interrupted_by_sigint_ends_killed(tiny: dict, tmp_path: Path) -> N
             deadline = time.monotonic() + 600
             # the first trial's first epoch: its MLflow run exists, the second trial has not run
             while "epoch 1/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(1)
+                time.sleep(0.2)
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=180)
         finally:

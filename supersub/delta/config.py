@@ -60,7 +60,7 @@ class DeltaConfig:
             raise ValueError("delta.prune_updates must be at least 1")
         if self.sparsify == "post" and self.mask != "magnitude":
             raise ValueError(f"delta.mask={self.mask} fixes positions before training; it cannot be combined with sparsify=post")
-        from supersub.models import STAGES
+        from supersub.resnet import STAGES
 
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
@@ -69,6 +69,6 @@ class DeltaConfig:
     @property
     def first_stage(self) -> int:
         """Index of the earliest stage with a delta: stages before it form the shared trunk."""
-        from supersub.models import STAGES
+        from supersub.resnet import STAGES
 
         return min(STAGES.index(s) for s in self.stages)

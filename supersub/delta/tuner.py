@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from supersub.delta.config import DeltaConfig
 from supersub.delta.layer import SparseQuantDelta
-from supersub.models import STAGES, ResNet, stage_of
+from supersub.resnet import STAGES, ResNet, stage_of
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 

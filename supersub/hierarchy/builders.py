@@ -253,6 +253,17 @@ def resolve_imagenet_meta(imagenet_meta: str | Path | None = None) -> Path:
     return meta
 
 
+def spec_k(spec: str, kind: str) -> int | None:
+    """K of a ``kind:K`` spec (``auto:K``, ``learned:K``), None for a spec of another kind; a K
+    that is not a positive integer raises, in one message for every place that reads specs."""
+    head, sep, k = str(spec).strip().partition(":")
+    if not (sep and head == kind):
+        return None
+    if not k.isdigit() or int(k) < 1:
+        raise HierarchyError(f"{spec!r}: K in {kind}:K must be a positive integer")
+    return int(k)
+
+
 def load_hierarchy(
     spec: str,
     *,
@@ -268,15 +279,12 @@ def load_hierarchy(
     spec = spec.strip()
     if spec in ("paper10", "cifar100"):
         hierarchy = paper10() if spec == "paper10" else cifar100()
-    elif spec.startswith("auto:"):
-        k_text = spec.split(":", 1)[1]
-        if not k_text.isdigit() or int(k_text) < 1:
-            raise HierarchyError(f"{spec!r}: K in auto:K must be a positive integer")
+    elif (k := spec_k(spec, "auto")) is not None:
         if not classes:
             raise HierarchyError(f"{spec} needs the list of classes to partition (--classes FILE)")
         wordnet = WordNet.load(resolve_imagenet_meta(imagenet_meta))
-        return auto_partition(wordnet, classes, int(k_text), leftover=leftover)
-    elif spec.startswith("learned:"):
+        return auto_partition(wordnet, classes, k, leftover=leftover)
+    elif spec_k(spec, "learned") is not None:
         raise HierarchyError(
             f"{spec} is built by the pipeline from a trained network; pass the hierarchy JSON file it wrote"
         )
@@ -299,10 +307,7 @@ def check_spec(spec: str, *, imagenet_meta: str | Path | None = None) -> None:
     spec = str(spec).strip()
     if spec in ("paper10", "cifar100", "synthetic"):
         return
-    if spec.startswith("auto:"):
-        k_text = spec.split(":", 1)[1]
-        if not k_text.isdigit() or int(k_text) < 1:
-            raise HierarchyError(f"{spec!r}: K in auto:K must be a positive integer")
+    if spec_k(spec, "auto") is not None:
         meta = resolve_imagenet_meta(imagenet_meta)
         for name in ("wordnet.is_a.txt", "words.txt"):
             if not (meta / name).is_file():

@@ -36,8 +36,8 @@ from typing import Any
 from supersub import atomic
 from supersub.config import ConfigError
 from supersub.report.html import render_html
+from supersub.report.inputs import resolve_run
 from supersub.report.sections import Section, clean, read_tune
-from supersub.report.sources import resolve_run
 
 # 2: models from metrics.json (not a fixed list), costs and intervals, study rows, one inlined page.
 FORMAT_VERSION = 2

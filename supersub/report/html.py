@@ -13,7 +13,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from supersub.report.sources import error_models
+from supersub.report.inputs import error_models
 from supersub.report.tables import _e, _num, _table, _td, fmt, models_html, study_html
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;color:#222}

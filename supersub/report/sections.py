@@ -1,6 +1,6 @@
 """Gathering one report section: the numbers, the recomputed confusions, the figures, the gallery.
 
-A section shows the models its ``metrics.json`` has (:func:`~supersub.report.sources.fine_models`),
+A section shows the models its ``metrics.json`` has (:func:`~supersub.report.inputs.fine_models`),
 each with its accuracy and costs as the pipeline measured them; confusions, error counts and LCA
 heights are recomputed from ``predictions.parquet`` for all of them, confusion matrices and the
 gallery for the section's model (``--model``, by default the model the bundle serves). Figures and
@@ -19,7 +19,7 @@ import numpy as np
 from supersub.config import ConfigError
 from supersub.errors import DataError
 from supersub.hierarchy import Hierarchy
-from supersub.report.sources import (
+from supersub.report.inputs import (
     CHECKED_KEYS,
     METRIC_KEYS,
     ORACLE,

@@ -11,7 +11,7 @@ import html
 import math
 from typing import Any
 
-from supersub.report.sources import ordered
+from supersub.report.inputs import ordered
 
 # A models table's numeric columns: (metrics key, format, header).
 MODEL_COLS = (("top5", ".2f", "top-5 %"), ("superclass_acc", ".2f", "superclass %"))

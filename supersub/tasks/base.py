@@ -210,13 +210,13 @@ def folder_for(root: str | Path, name: str, fingerprint: str) -> str:
 
 
 def _model_config():
-    from supersub.models import ModelConfig
+    from supersub.resnet import ModelConfig
 
     return ModelConfig
 
 
 def _optim_config():
-    from supersub.train import OptimConfig
+    from supersub.epoch import OptimConfig
 
     return OptimConfig
 

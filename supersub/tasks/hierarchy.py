@@ -26,10 +26,10 @@ from supersub import atomic
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec, make_loader
 from supersub.data.manifest import write_manifest
+from supersub.epoch import predict_logits
 from supersub.hierarchy import Hierarchy, learn_hierarchy
 from supersub.networks import load_network
 from supersub.tasks.base import DataOptions, Task, register
-from supersub.train import predict_logits
 
 
 def class_similarity(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:

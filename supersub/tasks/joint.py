@@ -1,5 +1,5 @@
 """Training trunk, router and experts together (``generalist.router_trunk=joint``): the Network of
-Experts recipe on the trunk router's design (see :mod:`supersub.router`).
+Experts recipe on the trunk router's design (see :mod:`supersub.trunk_router`).
 
 One task replaces the router task and the specialist tasks. Every step, a batch of all classes
 runs through the trunk once; the router learns the superclass, each image's own superclass's
@@ -32,14 +32,14 @@ from supersub.config import to_dict
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
 from supersub.delta import DeltaConfig, get_method, set_train_mode
+from supersub.epoch import OptimConfig, evaluate, seed_everything, unwrap
 from supersub.fit import fit, peak_lr, summary
-from supersub.models import state_bytes
 from supersub.networks import OUTPUT_FILES, load_network, save_network, save_weights
-from supersub.router import ROUTER_FILE, JointExperts, RoutedTrunk, router_spec
+from supersub.resnet import state_bytes
 from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
 from supersub.tasks.router import SPEC_FILE
 from supersub.tasks.specialist import DELTA_FILE, delta_stats
-from supersub.train import OptimConfig, evaluate, seed_everything, unwrap
+from supersub.trunk_router import ROUTER_FILE, JointExperts, RoutedTrunk, router_spec
 
 EXPERTS_DIR = "specialists"
 

@@ -11,11 +11,11 @@ from typing import Any, ClassVar, Literal
 from supersub.config import to_dict
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
+from supersub.epoch import OptimConfig, seed_everything
 from supersub.fit import fit, peak_lr, summary
-from supersub.models import ModelConfig
 from supersub.networks import OUTPUT_FILES, NetworkSpec, save_network
+from supersub.resnet import ModelConfig
 from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
-from supersub.train import OptimConfig, seed_everything
 
 
 @register

@@ -1,6 +1,6 @@
 """Training the trunk router (``generalist.kind=trunk_router``): a small superclass head on the
-resident network's frozen trunk (see :mod:`supersub.router`). It writes ``router.safetensors``
-and ``router.json`` (its :class:`~supersub.router.RouterSpec`).
+resident network's frozen trunk (see :mod:`supersub.trunk_router`). It writes ``router.safetensors``
+and ``router.json`` (its :class:`~supersub.trunk_router.RouterSpec`).
 
 ``trunk="finetune"``: the whole network is finetuned with the router as a second head (fine CE +
 superclass CE); the task then also writes that network (``model.safetensors``, ``network.json``),
@@ -20,12 +20,19 @@ import torch.nn.functional as F
 from supersub import atomic
 from supersub.data import load_manifest
 from supersub.data.loaders import LoaderSpec
+from supersub.epoch import OptimConfig, evaluate, seed_everything
 from supersub.fit import fit, peak_lr, summary
 from supersub.metrics import superclass_probs
 from supersub.networks import OUTPUT_FILES, load_network, load_weights, save_network, save_weights
-from supersub.router import ROUTER_FILE, MultitaskTrunk, RoutedTrunk, RouterSpec, TrunkRouter, router_spec
 from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
-from supersub.train import OptimConfig, evaluate, seed_everything
+from supersub.trunk_router import (
+    ROUTER_FILE,
+    MultitaskTrunk,
+    RoutedTrunk,
+    RouterSpec,
+    TrunkRouter,
+    router_spec,
+)
 
 SPEC_FILE = "router.json"
 

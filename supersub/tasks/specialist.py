@@ -32,11 +32,11 @@ from supersub.delta import (
     set_train_mode,
     start_from,
 )
+from supersub.epoch import OptimConfig, evaluate, seed_everything, unwrap
 from supersub.fit import fit, peak_lr, resume_state, summary
-from supersub.models import state_bytes
 from supersub.networks import load_network
+from supersub.resnet import state_bytes
 from supersub.tasks.base import DataOptions, Task, optim_identity, register, runner_identity
-from supersub.train import OptimConfig, evaluate, seed_everything, unwrap
 
 DELTA_FILE = "delta.safetensors"
 

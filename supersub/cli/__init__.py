@@ -1,7 +1,8 @@
 """The ``supersub`` console script: hierarchies, data, evaluation and reports.
 
-Each area registers its own sub-commands (``register(subparsers)`` in ``<area>/cli.py`` or
-``<module>_cli``); this file only wires them and turns known errors into one-line messages.
+Every sub-command lives in this package (``supersub/cli/<area>.py``, each with its
+``register(subparsers)``) but ``report``, registered by :mod:`supersub.report` beside the page
+it builds; this file only wires them and turns known errors into one-line messages.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 
 # (module, attribute): each attribute is ``register(subparsers)``.
 _COMMANDS = [
-    ("supersub.hierarchy.cli", "register"),
-    ("supersub.data.cli", "register"),
-    ("supersub.evaluate_cli", "register"),
+    ("supersub.cli.hierarchy", "register"),
+    ("supersub.cli.data", "register"),
+    ("supersub.cli.evaluate", "register"),
     ("supersub.report", "register"),
 ]
 

@@ -1,4 +1,6 @@
-"""The plain PyTorch training loop: ``train_one_epoch``, ``evaluate``, schedules, checkpoints.
+"""One epoch of plain PyTorch training or evaluation, and what it needs: ``train_one_epoch``,
+``evaluate``, optimiser, schedule, precision, device, checkpoints (:mod:`supersub.fit` loops
+over epochs).
 
 Device-agnostic. ``amp="auto"`` uses bf16 autocast where the hardware does bf16 natively (CUDA;
 CPUs with AVX-512 BF16 or AMX) and fp32 elsewhere: on a CPU without them, bf16 is emulated and

@@ -1,8 +1,8 @@
 """The trunk router: stage one on the shared trunk, so the two-stage model costs about one network.
 
-With the vanilla network resident, stage one used to be its whole forward (superclass = sum of
-its subclass probabilities) and every specialist pass came on top: at least 1.23 networks of
-FLOPs with deltas on ``layer4`` alone. The designs that win in this field route on the shared
+With the vanilla network resident, stage one is its whole forward (superclass = sum of its
+subclass probabilities) and every specialist pass comes on top: at least 1.23 networks of FLOPs
+with deltas on ``layer4`` alone. The designs that win in this field route on the shared
 early layers instead — Network of Experts (Ahmed, Baig and Torresani, ECCV 2016) and HD-CNN (Yan
 et al., ICCV 2015) — and run only the routed expert's tail. Here:
 
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from supersub.models import STAGES, ResNet, stage_of
+from supersub.resnet import STAGES, ResNet, stage_of
 
 ROUTER_FILE = "router.safetensors"
 

@@ -48,10 +48,10 @@ def evaluate_bundle(bundle_ref: str, data: str, routing: str | None = None, devi
     import torch
 
     from supersub.data.loaders import LoaderSpec, make_loader
+    from supersub.epoch import pick_device
     from supersub.evaluation import collect, network_probs, score_models
     from supersub.remote import open_bundle
     from supersub.routing import HARD, Routing, combine
-    from supersub.train import pick_device
 
     bundle = open_bundle(bundle_ref)
     asked = Routing.parse(routing) if routing and routing not in bundle.routings else None
