@@ -25,6 +25,7 @@ run``). Loopback only: a measurement of the serving stack, not a load generator 
 
 # No `from __future__ import annotations`: the peer's FastAPI endpoint reads its annotations at runtime.
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -285,24 +287,32 @@ def main(argv: list[str] | None = None) -> int:
             from serve_helpers import make_tiny_bundle
 
             bundle = str(make_tiny_bundle(Path(scratch) / "bundle"))
-        peer, urls = None, {}
-        try:
-            if "peer" in a.apps:
-                peer, urls["peer"] = start_peer(bundle)
-            if set(a.apps) - {"peer"}:
-                url = start_serve(a, bundle, Path(scratch))
-                urls.update({x: f"{url}/{x}" for x in a.apps if x != "peer"})
+        with running_apps(a, bundle, Path(scratch)) as urls:
             return measure(a, urls)
-        finally:
-            if peer is not None:
-                peer.terminate()
-                peer.wait(timeout=30)
-            if set(a.apps) - {"peer"}:
-                import ray
-                from ray import serve
 
-                serve.shutdown()
-                ray.shutdown()
+
+@contextlib.contextmanager
+def running_apps(a: argparse.Namespace, bundle: str, scratch: Path) -> Iterator[dict[str, str]]:
+    """``a.apps`` started on ``bundle`` (the peer as its own process, the rest in one Serve):
+    app name → base URL; everything stopped on the way out."""
+    peer, urls = None, {}
+    try:
+        if "peer" in a.apps:
+            peer, urls["peer"] = start_peer(bundle)
+        if set(a.apps) - {"peer"}:
+            url = start_serve(a, bundle, scratch)
+            urls.update({x: f"{url}/{x}" for x in a.apps if x != "peer"})
+        yield urls
+    finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(timeout=30)
+        if set(a.apps) - {"peer"}:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
 
 
 def each_proxy(a: argparse.Namespace, argv: list[str]) -> int:

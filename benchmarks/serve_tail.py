@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle = str(make_tiny_bundle(Path(scratch) / "bundle"))
         body = Path(scratch) / "body.jpg"
         body.write_bytes(serve_load.pictures(1, a.image_px)[0])
-        peer, urls = None, {}
-        try:
-            if "peer" in a.apps:
-                peer, urls["peer"] = serve_load.start_peer(bundle)
-            if set(a.apps) - {"peer"}:
-                base = serve_load.start_serve(load_args, bundle, Path(scratch))
-                urls.update({x: f"{base}/{x}" for x in a.apps if x != "peer"})
+        with serve_load.running_apps(load_args, bundle, Path(scratch)) as urls:
             for name in a.apps:
                 ab(f"{urls[name]}/predict", body, a.warmup)
             for k in range(a.rounds):
@@ -100,16 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(row)
                 print(f"round {k + 1} load {row['load_before']:.1f}->{row['load_after']:.1f}: " + "  ".join(
                     f"{n} p50 {row[n]['p50']:.0f} p99 {row[n]['p99']:.0f}" for n in a.apps), flush=True)
-        finally:
-            if peer is not None:
-                peer.terminate()
-                peer.wait(timeout=30)
-            if set(a.apps) - {"peer"}:
-                import ray
-                from ray import serve
-
-                serve.shutdown()
-                ray.shutdown()
     report(a, rounds)
     if a.json:
         Path(a.json).write_text(json.dumps(rounds, indent=2))
