@@ -38,8 +38,11 @@ from supersub.runner import Interrupted, LocalRunner
 from supersub.study import summarise, write_regime_map, write_summary
 
 
-def load_study(path: str | Path) -> tuple[Path, dict[str, dict[str, Any]]]:
-    """``(base config path, {variant: {"overrides": [...], "seeds": [...] | None}})``."""
+def load_study(path: str | Path) -> tuple[Path, dict[str, dict[str, Any]], list[int] | None]:
+    """``(base config path, {variant: {"overrides": [...], "seeds": [...] | None}}, the file's seeds)``.
+
+    A variant's ``seeds`` is its own (None without); the file's top-level ``seeds`` is kept apart
+    because ``--seeds`` on the command line wins over it but not over a variant's own."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
@@ -55,11 +58,11 @@ def load_study(path: str | Path) -> tuple[Path, dict[str, dict[str, Any]]]:
             extra = set(spec) - {"overrides", "seeds"}
             if extra:
                 raise ConfigError(f"{path}: variant {name}: unknown keys {sorted(extra)}")
-            overrides, seeds = list(spec.get("overrides") or []), spec.get("seeds", default_seeds)
+            overrides, seeds = list(spec.get("overrides") or []), spec.get("seeds")
         else:
-            overrides, seeds = list(spec or []), default_seeds
+            overrides, seeds = list(spec or []), None
         variants[str(name)] = {"overrides": overrides, "seeds": seeds}
-    return (path.parent / data["config"]).resolve(), variants
+    return (path.parent / data["config"]).resolve(), variants, default_seeds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--study", required=True, help="study YAML (config + variants)")
     p.add_argument("--out", help="output folder (required unless --plan)")
     p.add_argument("--variants", help="comma-separated subset of the variants, in the file's order")
-    p.add_argument("--seeds", help="comma-separated seeds for every variant without its own (default: 0)")
+    p.add_argument("--seeds", help="comma-separated seeds for every variant without its own "
+                   "(default: the study file's 'seeds', else 0)")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="start no new run after this many seconds")
     p.add_argument("--plan", action="store_true", help="print every run's tasks as jobs.pipeline --plan does, then "
                    "the study's bill with each task shared by several runs counted once; train nothing")
@@ -81,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineConfig]], dict[str, Any]]:
     """Every (variant, seed, config) to run, validated before any of them starts."""
-    config_path, variants = load_study(args.study)
+    config_path, variants, file_seeds = load_study(args.study)
     if args.variants:
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
         missing = [v for v in chosen if v not in variants]
@@ -91,7 +95,7 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int, PipelineCo
     cli_seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     runs = []
     for name, v in variants.items():
-        for seed in v["seeds"] or cli_seeds or [0]:
+        for seed in v["seeds"] or cli_seeds or file_seeds or [0]:
             cfg = load_config(PipelineConfig, config_path,
                               [*v["overrides"], *args.overrides, f"name={name}", f"seed={seed}", "resources.runner=local"])
             runs.append((name, int(seed), absolute_paths(cfg)))

@@ -84,7 +84,7 @@ def test_every_shipped_config_file_loads(path):
     from supersub.pipeline_config import PipelineConfig
 
     if path.name.startswith("study_"):
-        base, variants = load_study(path)
+        base, variants, _ = load_study(path)
         for v in variants.values():
             load_config(PipelineConfig, base, v["overrides"])
     else:

@@ -20,15 +20,20 @@ def test_study_files_name_variants_with_their_own_seeds(tmp_path):
     study = tmp_path / "s.yaml"
     study.write_text(f"config: {base}\nseeds: [0, 1]\nvariants:\n  a: [delta.bits=2, train.epochs=3]\n"
                      "  b: {overrides: [delta.bits=8], seeds: [5]}\n")
-    path, variants = load_study(study)
-    assert path == base
-    assert variants == {"a": {"overrides": ["delta.bits=2", "train.epochs=3"], "seeds": [0, 1]},
+    path, variants, file_seeds = load_study(study)
+    assert path == base and file_seeds == [0, 1]
+    assert variants == {"a": {"overrides": ["delta.bits=2", "train.epochs=3"], "seeds": None},
                         "b": {"overrides": ["delta.bits=8"], "seeds": [5]}}
     from jobs.study import parse_args, plan_runs
 
-    runs, _ = plan_runs(parse_args(["--study", str(study), "--out", str(tmp_path / "o"), "train.epochs=1"]))
-    assert {(name, seed, cfg.train.epochs, cfg.delta.bits) for name, seed, cfg in runs} == {
+    def planned(*argv):
+        runs, _ = plan_runs(parse_args(["--study", str(study), "--out", str(tmp_path / "o"), *argv]))
+        return {(name, seed, cfg.train.epochs, cfg.delta.bits) for name, seed, cfg in runs}
+
+    assert planned("train.epochs=1") == {
         ("a", 0, 1, 2), ("a", 1, 1, 2), ("b", 5, 1, 8)}  # the command line wins over a variant's own
+    # --seeds wins over the file's seeds, not over a variant's own
+    assert planned("--seeds", "2,3") == {("a", 2, 3, 2), ("a", 3, 3, 2), ("b", 5, 15, 8)}
     study.write_text(f"config: {base}\nvariants:\n  a: {{overrides: [], seed: 3}}\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_study(study)
