@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs and settings are unchanged")
     p.add_argument("--overrides-from", metavar="YAML", help="overrides from a file, e.g. DIR/tune/best.yaml; "
                    "command-line key=value pairs still win")
+    p.add_argument("--reuse-from", metavar="RUN", action="append", help="another run's folder: its tasks that "
+                   "finished with the same inputs and settings are linked into --out instead of trained again; may be "
+                   "repeated (default: the run whose tune/best.yaml --overrides-from reads, so a tuned run trains its "
+                   "specialists on the very networks the search measured)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress lines too (the logs keep them anyway)")
     p.add_argument("--plan", action="store_true", help="print every task with its images, resources, estimated wall "
@@ -81,6 +85,22 @@ def overrides_from(path: str | Path) -> list[str]:
     data = data.get("overrides", data)
     # JSON is YAML: load_config parses the values back.
     return [f"{k}={json.dumps(v)}" for k, v in dotted_keys(data).items()]
+
+
+def reuse_runs(args: argparse.Namespace) -> list[Path]:
+    """``--reuse-from``'s run folders, checked; without it, the run of ``--overrides-from
+    RUN/tune/best.yaml`` where that folder holds tasks."""
+    if args.reuse_from:
+        runs = [Path(r).absolute() for r in args.reuse_from]
+        for run_dir in runs:
+            if not (run_dir / "tasks").is_dir():
+                raise ConfigError(f"--reuse-from {run_dir}: not a run folder (it has no tasks/)")
+        return runs
+    if args.overrides_from:
+        best = Path(args.overrides_from).absolute()
+        if best.parent.name == "tune" and (best.parent.parent / "tasks").is_dir():
+            return [best.parent.parent]
+    return []
 
 
 def load(args: argparse.Namespace) -> PipelineConfig:
@@ -158,8 +178,10 @@ def make_runner(cfg: PipelineConfig, out: Path, tracker, log=print):
     return RayRunner(cfg.resources, out, data_loader=cfg.data.loader, log=log, tracker=tracker)
 
 
-def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dict[str, Any]:
-    """The job: runner and tracker around :func:`run_pipeline`."""
+def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False,
+        reuse_from: list[Path] | None = None) -> dict[str, Any]:
+    """The job: runner and tracker around :func:`run_pipeline` (``reuse_from``: other runs'
+    folders whose finished tasks are linked in, not trained)."""
     out = Path(out).absolute()
     check_inputs(cfg, out)
     started = init_ray(log, verbose=verbose) if cfg.resources.runner == "ray" else False
@@ -173,7 +195,8 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False) -> dic
             if hasattr(tracker, "run_id"):
                 log(tracker.where())
             try:
-                return run_pipeline(cfg, out, runner, tracker, log)
+                return run_pipeline(cfg, out, runner, tracker, log,
+                                    reuse_from=[r for r in reuse_from or [] if r != out])
             except KeyboardInterrupt:  # SIGINT / SIGTERM (jobs.interrupt)
                 if hasattr(runner, "stop"):
                     runner.stop()  # no Train run starts after this
@@ -219,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals_interrupt("jobs.pipeline"):
             cfg = load(args)
-            run(cfg, Path(args.out), log=lambda s: print(s, flush=True), verbose=args.verbose)
+            run(cfg, Path(args.out), log=lambda s: print(s, flush=True), verbose=args.verbose,
+                reuse_from=reuse_runs(args))
     except Interrupted as e:
         print(interrupted_line("jobs.pipeline", e), file=sys.stderr, flush=True)
         return e.exit_code

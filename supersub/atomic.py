@@ -168,6 +168,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file or folder's (``*.tmp<pid>``), its process alive or not."""
+    return bool(_TMP.match(name))
+
+
 def leftover(path: Path) -> bool:
     """Whether ``path`` is a temporary file or folder of a process that is gone."""
     m = _TMP.match(path.name)

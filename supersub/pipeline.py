@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +133,12 @@ class TrainedTasks:
         return open_data(self.cfg, task.manifest_dir)
 
 
-def run_stage(stage: Stage, runner: Runner, cfg: PipelineConfig, log=print) -> None:
+def run_stage(stage: Stage, runner: Runner, cfg: PipelineConfig, log=print,
+              reuse_from: Sequence[str | Path] = ()) -> None:
     log(f"== {stage.name}")
     # A stage that trains nothing runs here, not on the runner's workers.
-    run_tasks(LocalRunner(cfg.device, log=log) if stage.in_driver else runner, stage.tasks, cfg.resources, log)
+    run_tasks(LocalRunner(cfg.device, log=log) if stage.in_driver else runner, stage.tasks, cfg.resources, log,
+              reuse_from)
 
 
 def pipeline_tasks(cfg: PipelineConfig, base: Path, log=print, keyed_data: bool = False) -> PipelineTasks:
@@ -162,11 +165,13 @@ def run_pipeline(
     tracker: Tracker | None = None,
     log=print,
     shared_dir: str | Path | None = None,
+    reuse_from: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Runs (or resumes) the pipeline into ``out_dir``; returns the metrics written to metrics.json.
 
     ``shared_dir`` (a study of several variants and seeds) holds the data and every task, which
-    the runs share wherever their inputs and settings agree."""
+    the runs share wherever their inputs and settings agree. ``reuse_from``: other runs' folders,
+    whose tasks finished with the same inputs and settings are linked in instead of trained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(shared_dir) if shared_dir else out
@@ -180,8 +185,9 @@ def run_pipeline(
     t0 = time.perf_counter()
 
     tasks = pipeline_tasks(cfg, base, log, keyed_data=shared_dir is not None)
+    reuse_tasks = [Path(r) / "tasks" for r in reuse_from]
     for stage in tasks.stages():
-        run_stage(stage, runner, cfg, log)
+        run_stage(stage, runner, cfg, log, reuse_tasks)
     actual = sum(t.result()["train_images"] for t in (tasks.specialists or [tasks.router]))
     if actual != tasks.spec_images:
         log(f"warning: the specialists saw {actual:,} training images, {tasks.spec_images:,} were planned for the "
@@ -191,7 +197,7 @@ def run_pipeline(
     evaluation = evaluate(cfg, tasks, log)
     late = tasks.flops_matched(evaluation.models[evaluation.serves["model"]]["flops_ratio"])
     if late is not None:
-        run_stage(late, runner, cfg, log)
+        run_stage(late, runner, cfg, log, reuse_tasks)
         evaluation.add_network_controls({name: [t.out_dir for t in ts] for name, ts in tasks.controls.items()})
     metrics = write_outputs(cfg, out, tasks, evaluation)
     metrics["wall_seconds"] = time.perf_counter() - t0

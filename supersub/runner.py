@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -25,7 +26,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,11 +145,45 @@ class Runner(Protocol):
     def run(self, tasks: list[Task], resources: Any = None) -> list[dict[str, Any]]: ...
 
 
-def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Each task's result, in order: read back when it finished earlier with the same fingerprint,
-    else run (all pending tasks in one call, so the runner may run them concurrently)."""
+def adopt_finished(task: Task, roots: Sequence[str | Path], log: Callable[[str], None] = print) -> bool:
+    """Copies ``task`` into its folder from the first of ``roots`` (other runs' ``tasks/``
+    folders) where the same task (the same fingerprint, so the same inputs and settings) finished
+    with its outputs intact. Only into a folder that does not exist yet: a folder of this run is
+    never replaced. Files are hard-linked where the filesystem allows (tasks write by rename, so
+    the two runs never see each other's later writes), else copied."""
+    out = Path(task.out_dir)
+    if out.exists():
+        return False
+    for root in roots:
+        src = Path(root) / out.name
+        if not src.is_dir() or dataclasses.replace(task, out_dir=str(src)).damage() is not None:
+            continue
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # a leftover if we die (remove_leftovers)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=_link_or_copy,
+                        ignore=lambda _, names: [n for n in names if n == LOCK_FILE or atomic.temporary(n)])
+        os.rename(tmp, out)
+        log(f"{task.name}: finished in {src} with the same inputs and settings, reused (linked into {out})")
+        return True
+    return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def run_tasks(runner: Runner, tasks: list[Task], resources: Any = None, log: Callable[[str], None] = print,
+              reuse_from: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
+    """Each task's result, in order: read back when it finished earlier with the same fingerprint
+    (here, or in one of ``reuse_from``'s task folders: :func:`adopt_finished`), else run (all
+    pending tasks in one call, so the runner may run them concurrently)."""
     pending = []
     for t in tasks:
+        if adopt_finished(t, reuse_from, log):
+            continue
         why = t.damage()
         if why is None:
             log(f"{t.name}: done earlier with the same inputs and settings, reused ({t.out_dir})")

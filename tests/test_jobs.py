@@ -123,10 +123,27 @@ def test_downloaded_bundles_are_cached_beside_the_tracking_store(tmp_path: Path,
     assert not (tmp_path / "home").exists()
 
 
+def test_a_tuned_run_reuses_the_run_its_best_yaml_came_from(tmp_path: Path) -> None:
+    from jobs.pipeline import build_parser, reuse_runs
+
+    run = tmp_path / "runs" / "default"
+    (run / "tasks").mkdir(parents=True)
+    (run / "tune").mkdir()
+    (run / "tune" / "best.yaml").write_text("overrides: {delta.bits: 2}\n")
+    parse = build_parser().parse_args
+    assert reuse_runs(parse(["--overrides-from", str(run / "tune" / "best.yaml")])) == [run]
+    other = tmp_path / "runs" / "other"
+    (other / "tasks").mkdir(parents=True)
+    assert reuse_runs(parse(["--overrides-from", str(run / "tune" / "best.yaml"), "--reuse-from", str(other)])) == [other]
+    (tmp_path / "mine.yaml").write_text("overrides: {delta.bits: 2}\n")
+    assert reuse_runs(parse(["--overrides-from", str(tmp_path / "mine.yaml")])) == []  # not a run's tune/best.yaml
+
+
 @pytest.mark.parametrize("args,message", [
     (["data.source=/nonexistent"], "source not found: /nonexistent"),
     (["data.hierarchy=nonsense"], "unknown hierarchy 'nonsense'"),
     (["delta.bits=5"], "delta.bits"),
+    (["--reuse-from", "/nonexistent"], "--reuse-from /nonexistent: not a run folder"),
 ])
 def test_user_errors_are_one_line_before_ray_or_mlflow(tmp_path: Path, capsys, args: list[str], message: str) -> None:
     """Exit 2, one line, no traceback — and nothing started: no Ray, no MLflow run, no folder.

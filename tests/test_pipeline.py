@@ -261,3 +261,27 @@ def test_late_controls_evaluate_their_own_rows_and_every_network_is_read_once(tm
     assert [r["models"] for r in metrics["latency"]["own_rounds"]] == [late]
     assert all(metrics["models"][name]["latency"]["rounds"] == 7 for name in late)
     assert load_bundle(tmp_path / "run" / "bundle").load_vanilla() is not None
+
+
+def test_a_tuned_run_links_the_tasks_its_source_run_finished(tmp_path):
+    """``reuse_from`` (jobs.pipeline --reuse-from, or the run a tune/best.yaml came from): a task
+    that finished there with the same fingerprint is hard-linked in, not trained; the tasks a
+    tuned setting changes train; a damaged source task and a folder of the run itself are left."""
+    src = tmp_path / "default"
+    run_pipeline(tiny(*ONE_EPOCH), src, log=quiet)
+    logs = []
+    run_pipeline(tiny(*ONE_EPOCH, "delta.bits=2"), tmp_path / "tuned", log=logs.append, reuse_from=[src])
+    assert [line.split(":")[0] for line in logs if "reused (linked" in line] == ["vanilla", "vanilla_long"]
+    assert {line.split(" ")[0] for line in logs if " epoch " in line} == {"specialist_0", "specialist_1", "specialist_2",
+                                                                         "delta_all"}  # its delta is quantised too
+    vanilla = next((tmp_path / "tuned" / "tasks").glob("vanilla-*"))
+    twin = src / "tasks" / vanilla.name
+    assert (vanilla / "model.safetensors").stat().st_ino == (twin / "model.safetensors").stat().st_ino
+    assert not list(vanilla.glob("*.lock")) and not list(vanilla.parent.glob("*.tmp*"))
+    # A damaged source (its weights are not what it recorded) is trained anew, not linked.
+    (twin / "model.safetensors").unlink()
+    (twin / "model.safetensors").write_bytes(b"not the weights")
+    logs.clear()
+    run_pipeline(tiny(*ONE_EPOCH, "delta.bits=8"), tmp_path / "other", log=logs.append, reuse_from=[src])
+    assert [line.split(":")[0] for line in logs if "reused (linked" in line] == ["vanilla_long"]
+    assert any(line.startswith("vanilla epoch") for line in logs)

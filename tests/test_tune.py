@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_helpers import (
-    DEFAULT_CONFIG,
     ENV,
     PYTHON,
     REPO,
-    TINY,
     call_with_timeout,
-    copy_without_specialists,
     stop_cluster,
     tiny_run,
 )
@@ -187,61 +184,6 @@ def _tune_subprocess(argv: list[str], out_file: Path, temp_dir: str) -> subproce
     env.pop("RAY_ADDRESS", None)  # the session's, pinned in this process
     return subprocess.Popen([PYTHON, "-m", *argv], cwd=REPO, env=env, stdout=out_file.open("w"),
                             stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.mark.ray
-@pytest.mark.mlflow
-@pytest.mark.slow
-def test_pipeline_and_tune_beside_another_ray(tiny: dict, tmp_path: Path) -> None:
-    """The issue's host: another Ray runs (this session's) when a pipeline and a Tune job start
-    their own. Unpinned, Train's placement-group cleaner and the State API found two clusters
-    ("Found multiple active Ray instances") and trials after an ASHA stop never started. Here:
-    no traceback, every trial starts, ASHA stops one, the jobs end; epoch lines once each."""
-    from mlflow.tracking import MlflowClient
-
-    out = copy_without_specialists(tiny["out"], tmp_path / "run")  # the specialists train again
-    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
-    temp_dir = tempfile.mkdtemp(prefix="ss2r-", dir="/tmp")
-    # lr 1e-9 leaves the specialist's new head at chance level, where lr 0.2 (the config's) trains
-    # it: ASHA stops trial 2 at its first rung (epoch 1 of 2: a one-epoch trial ends at its rung,
-    # completed, and is never stopped), below trial 1; trial 3 must still start after it (the
-    # stopped trial's resources freed: the State API reached the right cluster).
-    space = tmp_path / "asha.yaml"
-    space.write_text("num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {grace_period: 1, reduction_factor: 2}\n"
-                     "overrides: [specialist.optim.epochs=2]\n"
-                     "space:\n  specialist.optim.lr: {grid: [0.2, 1.0e-9, 0.2]}\n")
-    logs = {}
-    try:
-        for job, argv in (
-            ("pipeline", ["jobs.pipeline", "--config", str(DEFAULT_CONFIG), "--out", str(out), *TINY,
-                          f"tracking.tracking_uri={uri}"]),
-            ("tune", ["jobs.tune", "--space", str(space), "--from", str(out), "--superclasses", "0",
-                      "--budget", "0.5", f"tracking.tracking_uri={uri}"]),
-        ):
-            logs[job] = tmp_path / f"{job}.log"
-            proc = _tune_subprocess(argv, logs[job], temp_dir)
-            try:
-                code = proc.wait(timeout=900)  # a loaded 2-core machine: Train starts slowly
-            finally:
-                proc.kill()
-            text = logs[job].read_text()
-            assert code == 0, text[-5000:]
-            assert "Traceback" not in text and "multiple active Ray instances" not in text, text[-5000:]
-            assert "Reporting training result" not in text
-            epoch_lines = [line for line in text.splitlines() if "epoch " in line and "/" in line]
-            assert epoch_lines and len(epoch_lines) == len(set(epoch_lines)), epoch_lines  # once each
-    finally:
-        call_with_timeout(stop_cluster, 60, temp_dir)
-    summary = json.loads((out / "tune" / "pareto.json").read_text())
-    statuses = [t["status"] for t in summary["trials"]]
-    assert len(statuses) == 3 and all(t["iterations"] for t in summary["trials"]), summary["trials"]  # all started
-    assert "error" not in statuses, summary["trials"]
-    assert "stopped early" in statuses and "completed" in statuses, statuses
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("supersub").experiment_id])
-    trials = [r for r in runs if r.data.tags.get("supersub.kind") == "tune_trial"]
-    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
-    assert sum(r.data.tags.get("stopped_early") == "true" for r in trials) == statuses.count("stopped early")
 
 
 @pytest.mark.ray
