@@ -162,7 +162,11 @@ def adopt_finished(task: Task, roots: Sequence[str | Path], log: Callable[[str],
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, copy_function=_link_or_copy,
                         ignore=lambda _, names: [n for n in names if n == LOCK_FILE or atomic.temporary(n)])
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another job made the folder meanwhile: its copy, or its run, stands
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
         log(f"{task.name}: finished in {src} with the same inputs and settings, reused (linked into {out})")
         return True
     return False
