@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,7 @@ def make_runner(cfg: PipelineConfig, out: Path, tracker, log=print):
 
 
 def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False,
-        reuse_from: list[Path] | None = None) -> dict[str, Any]:
+        reuse_from: Sequence[Path] = ()) -> dict[str, Any]:
     """The job: runner and tracker around :func:`run_pipeline` (``reuse_from``: other runs'
     folders whose finished tasks are linked in, not trained)."""
     out = Path(out).absolute()
@@ -195,8 +196,7 @@ def run(cfg: PipelineConfig, out: Path, log=print, verbose: bool = False,
             if hasattr(tracker, "run_id"):
                 log(tracker.where())
             try:
-                return run_pipeline(cfg, out, runner, tracker, log,
-                                    reuse_from=[r for r in reuse_from or [] if r != out])
+                return run_pipeline(cfg, out, runner, tracker, log, reuse_from=reuse_from)
             except KeyboardInterrupt:  # SIGINT / SIGTERM (jobs.interrupt)
                 if hasattr(runner, "stop"):
                     runner.stop()  # no Train run starts after this
